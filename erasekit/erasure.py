@@ -1,0 +1,252 @@
+"""The Erasure artifact: what every method returns, saves, applies, stacks and removes.
+
+On disk an erasure is **one ``.safetensors`` file**. Its tensors are
+
+* ``delta.<parameter>``: a weight delta for a UNet parameter (ESD, UCE, RECE), and/or
+* ``module.<name>``: the state of added modules (Receler's erasers, CPE's gates),
+
+and its header metadata holds one JSON document under the key ``"erasekit"``::
+
+    {"format": 1, "method": "uce", "concepts": ["triangle"], "base_model": "toy",
+     "base_signature": {...}, "config": {...}, "module_type": null, "info": {...},
+     "erasekit_version": "0.1.0"}
+
+Nothing is ever unpickled: ``Erasure.load`` reads safetensors and JSON only.
+
+An erasure is made for one base model. ``base_signature`` records, for the weights it
+touches, their shape, sum of absolute values and a few sampled values; ``apply`` compares
+them with the loaded model (tolerant to float16/bfloat16 rounding) and refuses a model
+they do not match unless ``force=True``.
+
+Stacking and removal are exact: the handle keeps the original value of every parameter
+an applied erasure touches, and after ``remove`` each parameter is rebuilt as
+original + the deltas of the erasures still applied (the original itself when none is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from erasekit.errors import ErasekitError
+
+FORMAT_VERSION = 1
+_SIGNATURE_SAMPLES = 8
+_SIGNATURE_MAX_PARAMETERS = 64
+
+# module_type -> class with attach(model, erasure, scale) and detach(model, erasure); filled by methods
+MODULE_ERASURES: dict[str, type] = {}
+
+
+def register_module_erasure(module_type: str):
+    def decorator(cls):
+        MODULE_ERASURES[module_type] = cls
+        return cls
+
+    return decorator
+
+
+def _version() -> str:
+    from erasekit import __version__
+
+    return __version__
+
+
+def parameter_signature(tensor: torch.Tensor) -> list[float]:
+    """shape-independent summary: sum |w| and a few values at fixed positions (float64)."""
+    flat = tensor.detach().reshape(-1).double().cpu()
+    positions = torch.linspace(0, flat.numel() - 1, _SIGNATURE_SAMPLES).long()
+    return [float(flat.abs().sum())] + flat[positions].tolist()
+
+
+def model_signature(model, names: list[str]) -> dict[str, dict]:
+    """Signatures of the named UNet parameters, from their original values (before any applied erasure)."""
+    parameters = dict(model.unet.named_parameters())
+    signature = {}
+    for name in sorted(names)[:_SIGNATURE_MAX_PARAMETERS]:
+        if name not in parameters:
+            raise ErasekitError(f"the model has no parameter {name!r}; this erasure was made for another architecture")
+        value = model.original_parameters.get(name, parameters[name])
+        signature[name] = {"shape": list(value.shape), "values": parameter_signature(value)}
+    return signature
+
+
+def _signature_mismatch(expected: dict, actual: dict) -> str | None:
+    for name, entry in expected.items():
+        got = actual.get(name)
+        if got is None or got["shape"] != entry["shape"]:
+            return f"{name} has shape {None if got is None else got['shape']}, expected {entry['shape']}"
+        a, b = torch.tensor(got["values"]), torch.tensor(entry["values"])
+        if not torch.allclose(a, b, rtol=2e-2, atol=2e-3):
+            return f"{name} holds other values"
+    return None
+
+
+@dataclass
+class Erasure:
+    """The result of erasing concepts from one base model. See the module docstring for the format."""
+
+    method: str
+    concepts: list[str]
+    base_model: str
+    config: dict
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: dict[str, torch.Tensor] = field(default_factory=dict)
+    module_type: str | None = None
+    base_signature: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # timings, chosen epoch, anything worth keeping
+    erasekit_version: str = field(default_factory=_version)
+
+    # -------------------------------------------------------------- creation
+    @classmethod
+    def from_deltas(cls, model, method: str, concepts: list[str], config: dict, deltas: dict[str, torch.Tensor], info=None) -> "Erasure":
+        """An erasure of weight deltas for named UNet parameters (stored in float32, on the CPU)."""
+        deltas = {name: d.detach().float().cpu().contiguous() for name, d in deltas.items()}
+        return cls(
+            method=method, concepts=list(concepts), base_model=model.name, config=dict(config), deltas=deltas,
+            base_signature=model_signature(model, list(deltas)), info=dict(info or {}),
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """A short id of the base weights this erasure was made for."""
+        text = json.dumps({k: [round(v, 3) for v in e["values"][:1]] for k, e in self.base_signature.items()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.deltas.values()) + sum(t.numel() for t in self.modules.values())
+
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT_VERSION, "method": self.method, "concepts": self.concepts, "base_model": self.base_model,
+            "base_signature": self.base_signature, "config": self.config, "module_type": self.module_type,
+            "info": self.info, "erasekit_version": self.erasekit_version,
+        }
+
+    def __repr__(self) -> str:
+        kind = f"{len(self.deltas)} weight deltas" if self.deltas else f"{self.module_type} modules"
+        return f"Erasure(method={self.method!r}, concepts={self.concepts}, base={self.base_model!r}, {kind}, {self.num_parameters:,} values)"
+
+    # ------------------------------------------------------------------ disk
+    def save(self, path: str | Path) -> Path:
+        """Write one .safetensors file atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"delta.{k}": v.contiguous() for k, v in self.deltas.items()}
+        tensors.update({f"module.{k}": v.contiguous() for k, v in self.modules.items()})
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, tmp, metadata={"erasekit": json.dumps(self.metadata())})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Erasure":
+        path = Path(path)
+        if not path.is_file():
+            raise ErasekitError(f"erasure file {path} does not exist; pass the .safetensors written by 'erasekit erase'")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as error:
+            raise ErasekitError(f"{path} is not a readable safetensors file ({type(error).__name__}); pass a file written by 'erasekit erase'") from error
+        if "erasekit" not in header:
+            raise ErasekitError(f"{path} is a safetensors file without erasekit metadata; pass a file written by 'erasekit erase'")
+        meta = json.loads(header["erasekit"])
+        if meta.get("format", 0) > FORMAT_VERSION:
+            raise ErasekitError(f"{path} uses erasure format {meta['format']}; upgrade erasekit to read it")
+        return cls(
+            method=meta["method"], concepts=meta["concepts"], base_model=meta["base_model"], config=meta["config"],
+            deltas={k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")},
+            modules={k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")},
+            module_type=meta.get("module_type"), base_signature=meta.get("base_signature", {}), info=meta.get("info", {}),
+            erasekit_version=meta.get("erasekit_version", "?"),
+        )
+
+    # ------------------------------------------------------------ the model
+    def check_base(self, model, force: bool = False) -> None:
+        """Refuse a model whose weights are not the ones this erasure was made from."""
+        if force or not self.base_signature:
+            return
+        mismatch = _signature_mismatch(self.base_signature, model_signature(model, list(self.base_signature)))
+        if mismatch:
+            raise ErasekitError(
+                f"this {self.method} erasure was made for {self.base_model!r}, not for {model.name!r} ({mismatch}); "
+                "load the base model it was made for, or pass force=True (--force) to apply it anyway"
+            )
+
+    def apply(self, model, scale: float = 1.0, force: bool = False) -> "Erasure":
+        """Apply to a loaded model, on top of any erasures already applied; undo with ``remove``."""
+        if any(e is self for e, _ in model.applied_erasures):
+            raise ErasekitError("this erasure is already applied to the model")
+        self.check_base(model, force)
+        parameters = dict(model.unet.named_parameters())
+        with torch.no_grad():
+            for name, delta in self.deltas.items():
+                parameter = parameters[name]
+                if name not in model.original_parameters:
+                    model.original_parameters[name] = parameter.detach().clone()
+                parameter.add_(scale * delta.to(parameter.device, parameter.dtype))
+        if self.modules:
+            self._module_handler().attach(model, self, scale)
+        model.applied_erasures.append((self, scale))
+        return self
+
+    def remove(self, model) -> None:
+        """Take this erasure off; the weights it touched return to original + the other applied deltas."""
+        remaining = [(e, s) for e, s in model.applied_erasures if e is not self]
+        if len(remaining) == len(model.applied_erasures):
+            raise ErasekitError("this erasure is not applied to the model")
+        model.applied_erasures[:] = remaining
+        if self.modules:
+            self._module_handler().detach(model, self)
+        parameters = dict(model.unet.named_parameters())
+        with torch.no_grad():
+            for name in self.deltas:
+                original = model.original_parameters[name]
+                value = original.clone()
+                still_touching = False
+                for other, scale in remaining:
+                    if name in other.deltas:
+                        still_touching = True
+                        value.add_(scale * other.deltas[name].to(value.device, value.dtype))
+                parameters[name].copy_(value)
+                if not still_touching:
+                    del model.original_parameters[name]
+
+    def merge(self, model, scale: float = 1.0, force: bool = False) -> None:
+        """Add the deltas into the model's weights for good (they become the new originals)."""
+        if self.modules:
+            raise ErasekitError(f"a {self.method} erasure adds modules and cannot be merged into the weights; use apply")
+        self.check_base(model, force)
+        parameters = dict(model.unet.named_parameters())
+        with torch.no_grad():
+            for name, delta in self.deltas.items():
+                parameters[name].add_(scale * delta.to(parameters[name].device, parameters[name].dtype))
+                if name in model.original_parameters:
+                    model.original_parameters[name].add_(scale * delta.to(parameters[name].device, parameters[name].dtype))
+
+    def _module_handler(self):
+        handler = MODULE_ERASURES.get(self.module_type)
+        if handler is None:
+            raise ErasekitError(f"this erasekit has no support for {self.module_type!r} modules ({self.method}); upgrade erasekit")
+        return handler
+
+
+def apply_erasures(model, paths_or_erasures, force: bool = False) -> list[Erasure]:
+    """Load (if paths) and apply several erasures in order."""
+    applied = []
+    for item in paths_or_erasures:
+        erasure = item if isinstance(item, Erasure) else Erasure.load(item)
+        applied.append(erasure.apply(model, force=force))
+    return applied
