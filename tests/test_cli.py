@@ -1,0 +1,119 @@
+"""The command line: --help everywhere, one-line errors with status 2, resumable generation."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from erasekit.cli import main
+from erasekit.erasure import Erasure
+from erasekit.models.loading import load_model
+from erasekit.models.toy import toy_unet_config, write_toy_folder
+
+
+def _random_toy(folder, seed):
+    torch.manual_seed(seed)
+    write_toy_folder(folder, UNet2DConditionModel(**toy_unet_config()), {"steps": 3})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def toy_a(tmp_path_factory):
+    return _random_toy(tmp_path_factory.mktemp("toy_a"), 0)
+
+
+@pytest.fixture(scope="module")
+def toy_b(tmp_path_factory):
+    return _random_toy(tmp_path_factory.mktemp("toy_b"), 1)
+
+
+@pytest.fixture(scope="module")
+def erasure_for_a(toy_a, tmp_path_factory):
+    model = load_model(toy_a)
+    name = next(iter(model.key_value_projections())) + ".weight"
+    erasure = Erasure.from_deltas(model, "uce", ["triangle"], {}, {name: torch.full_like(dict(model.unet.named_parameters())[name], 0.01)})
+    return erasure.save(tmp_path_factory.mktemp("erasures") / "a.safetensors")
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("erasekit: error: ")
+    return err
+
+
+@pytest.mark.parametrize("command", [[], ["erase"], ["generate"], ["evaluate"], ["attack"], ["bench"], ["demo"], ["toy"], ["toy", "eval"], ["toy", "grid"], ["toy", "train"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: erasekit" in capsys.readouterr().out
+
+
+def test_unknown_method(capsys, toy_a):
+    err = _error(capsys, ["erase", "--model", str(toy_a), "--method", "magic", "--concept", "x", "--out", "x.safetensors"])
+    assert "unknown method 'magic'" in err and "uce" in err
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    err = _error(capsys, ["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "a box", "--out", str(tmp_path / "o")])
+    assert "does not exist" in err and "nowhere" in err
+
+
+def test_unreadable_erasure_file(capsys, tmp_path, toy_a):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a safetensors file")
+    err = _error(capsys, ["generate", "--model", str(toy_a), "--erasure", str(garbage), "--prompt", "a box", "--out", str(tmp_path / "o")])
+    assert "garbage.safetensors" in err
+
+
+def test_missing_erasure_file(capsys, tmp_path, toy_a):
+    err = _error(capsys, ["generate", "--model", str(toy_a), "--erasure", str(tmp_path / "none.safetensors"), "--prompt", "a box", "--out", str(tmp_path / "o")])
+    assert "does not exist" in err
+
+
+def test_erasure_for_another_model(capsys, tmp_path, toy_b, erasure_for_a):
+    err = _error(capsys, ["generate", "--model", str(toy_b), "--erasure", str(erasure_for_a), "--prompt", "a box", "--out", str(tmp_path / "o")])
+    assert "made for" in err and "--force" in err
+    assert main(["generate", "--model", str(toy_b), "--erasure", str(erasure_for_a), "--force", "--prompt", "a box", "--out", str(tmp_path / "o")]) == 0
+
+
+def test_unknown_set_key(capsys, toy_a, tmp_path):
+    err = _error(capsys, ["erase", "--model", str(toy_a), "--method", "uce", "--concept", "box", "--set", "no_such_knob=1", "--out", str(tmp_path / "e.safetensors")])
+    assert "no_such_knob" in err and "valid keys" in err
+
+
+def test_bad_set_value(capsys, toy_a, tmp_path):
+    err = _error(capsys, ["erase", "--model", str(toy_a), "--method", "uce", "--concept", "box", "--set", "erase_scale=lots", "--out", str(tmp_path / "e.safetensors")])
+    assert "erase_scale" in err
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    folder = tmp_path / "sd3"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    err = _error(capsys, ["generate", "--model", str(folder), "--prompt", "a box", "--out", str(tmp_path / "o")])
+    assert "StableDiffusion3Pipeline" in err and "supported" in err
+
+
+def test_generate_writes_images_and_resumes(tmp_path, toy_a, capsys):
+    out = tmp_path / "images"
+    argv = ["generate", "--model", str(toy_a), "--prompt", "a red box", "--prompt", "a blue disk", "--samples-per-prompt", "2", "--out", str(out), "--steps", "3"]
+    assert main(argv) == 0
+    assert "4 new images" in capsys.readouterr().out
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert files == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png"]
+    (out / "00001_1.png").unlink()
+    assert main(argv) == 0
+    assert "1 new images" in capsys.readouterr().out
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_entry_point_exits_with_status_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "erasekit.cli", "erase", "--method", "nope", "--concept", "x", "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("erasekit: error: unknown method")
