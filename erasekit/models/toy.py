@@ -43,8 +43,8 @@ def toy_unet_config(image_size: int = 24) -> dict:
 
 
 def toy_scheduler_config() -> dict:
-    """The training noise schedule: 1000 DDPM steps, cosine betas (better than SD's for small pixel images)."""
-    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=False)
+    """The training noise schedule: 1000 DDPM steps, cosine betas (better than SD's for small pixel images); DDIM clips the predicted x0 to [-1, 1] since the model works in pixel space."""
+    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True)
 
 
 def minilm_folder() -> Path:

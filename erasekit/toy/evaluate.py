@@ -189,7 +189,7 @@ def image_grid(images: torch.Tensor, rows: int, labels: list[str] | None = None,
     """A PIL grid: images (N, 3, H, W) in [0,1] laid out row by row, each row optionally labelled on the left."""
     n, _, h, w = images.shape
     cols = (n + rows - 1) // rows
-    label_width = 0 if not labels else max(8 * max(len(l) for l in labels) // 1, 40)
+    label_width = 0 if not labels else 6 * max(len(label) for label in labels) + 12
     cell_h, cell_w = h * scale + 4, w * scale + 4
     canvas = Image.new("RGB", (label_width + cols * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
