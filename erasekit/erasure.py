@@ -190,7 +190,7 @@ class Erasure:
         if any(e is self for e, _ in model.applied_erasures):
             raise ErasekitError("this erasure is already applied to the model")
         self.check_base(model, force)
-        parameters = dict(model.unet.named_parameters())
+        parameters = self._fitting_parameters(model)
         with torch.no_grad():
             for name, delta in self.deltas.items():
                 parameter = parameters[name]
@@ -228,16 +228,40 @@ class Erasure:
         """Add the deltas into the model's weights for good (they become the new originals)."""
         if self.modules:
             raise ErasekitError(f"a {self.method} erasure adds modules and cannot be merged into the weights; use apply")
+        if any(e is self for e, _ in model.applied_erasures):
+            raise ErasekitError("this erasure is applied to the model; remove it before merging it (else it would count twice)")
         self.check_base(model, force)
-        parameters = dict(model.unet.named_parameters())
+        parameters = self._fitting_parameters(model)
         with torch.no_grad():
             for name, delta in self.deltas.items():
                 parameters[name].add_(scale * delta.to(parameters[name].device, parameters[name].dtype))
                 if name in model.original_parameters:
                     model.original_parameters[name].add_(scale * delta.to(parameters[name].device, parameters[name].dtype))
 
+    def _fitting_parameters(self, model) -> dict[str, torch.nn.Parameter]:
+        """The UNet's parameters, once every delta is known to have one of its shape (checked before any is touched)."""
+        parameters = dict(model.unet.named_parameters())
+        for name, delta in self.deltas.items():
+            if name not in parameters:
+                raise ErasekitError(f"the model has no parameter {name!r}; this {self.method} erasure was made for another architecture")
+            if parameters[name].shape != delta.shape:
+                raise ErasekitError(
+                    f"{name} is {list(parameters[name].shape)} in the model but {list(delta.shape)} in this {self.method} erasure; "
+                    "it was made for another architecture"
+                )
+        return parameters
+
     def _module_handler(self):
         handler = MODULE_ERASURES.get(self.module_type)
+        if handler is None:  # the method module registers its handler when imported
+            from erasekit.methods import METHODS, get_method
+
+            if self.module_type in METHODS:
+                try:
+                    get_method(self.module_type)
+                except ErasekitError:
+                    pass
+            handler = MODULE_ERASURES.get(self.module_type)
         if handler is None:
             raise ErasekitError(f"this erasekit has no support for {self.module_type!r} modules ({self.method}); upgrade erasekit")
         return handler

@@ -335,8 +335,11 @@ class ModelHandle:
         """Images for prompts, one seed each (the same seed gives the same image on any batch size)."""
         if len(prompts) != len(seeds):
             raise ErasekitError("give one seed per prompt")
+        # init_noise_sigma of sigma schedulers (Euler, LMS) depends on the chosen timesteps
+        noise_scheduler = self.make_scheduler(scheduler)
+        noise_scheduler.set_timesteps(num_inference_steps or self.default_steps, device=self.device)
         latents = torch.cat(
-            [self.initial_latents(1, torch.Generator().manual_seed(int(s)), scheduler=self.make_scheduler(scheduler)) for s in seeds]
+            [self.initial_latents(1, torch.Generator().manual_seed(int(s)), scheduler=noise_scheduler) for s in seeds]
         )
         cond = self.encode(list(prompts))
         uncond = self.encode([negative_prompt] * len(prompts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -100,18 +101,21 @@ def save_pipeline(model: ModelHandle, folder: str | Path) -> Path:
     """
     from erasekit.models.toy import write_toy_folder
 
-    for erasure in model.applied_erasures:
+    for erasure, _ in model.applied_erasures:
         if erasure.modules:
             raise ErasekitError(
                 f"the {erasure.method} erasure adds modules that a plain diffusers folder cannot hold; save the erasure file and apply it at load time instead"
             )
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if model.kind == "toy":
-        write_toy_folder(tmp, model.unet)
-    else:
-        model.pipeline.save_pretrained(tmp, safe_serialization=True)
     if folder.exists():
         raise ErasekitError(f"{folder} already exists; choose a new folder")
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():  # left by an interrupted save
+        shutil.rmtree(tmp)
+    if model.kind == "toy":
+        defaults = {"max_length": model.max_length, "guidance": model.default_guidance, "steps": model.default_steps}
+        write_toy_folder(tmp, model.unet, extra=defaults)
+    else:
+        model.pipeline.save_pretrained(tmp, safe_serialization=True)
     tmp.rename(folder)
     return folder
