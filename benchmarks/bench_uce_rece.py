@@ -1,0 +1,116 @@
+"""Time UCE and RECE on an SD 1.4-shaped UNet (random weights, random 77 x 768 text states).
+
+    python benchmarks/bench_uce_rece.py
+
+Builds the UNet from Stable Diffusion 1.4's config (16 cross-attention layers, 32 to_k/to_v
+matrices) and skips the text encoder: the methods' row-level functions take text states
+directly. Prints the seconds of
+
+* UCE, one concept (legacy rows, "" preserved);
+* RECE: the UCE edit and 3 rounds, no validation;
+* UCE, 100 concepts in one solve.
+
+Targets on one CPU core: < 5 s, < 15 s and < 60 s. Timings include building the
+:class:`erasekit.Erasure`, not encoding prompts (there is no text encoder here).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from erasekit import Erasure, ModelHandle
+from erasekit.methods import rece, uce
+
+# Stable Diffusion 1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json)
+SD14_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+TOKENS, DIM = 77, 768
+
+
+def sd14_handle() -> ModelHandle:
+    """A ModelHandle around a random SD 1.4 UNet: enough for the to_k/to_v bookkeeping."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD14_UNET_CONFIG).eval().requires_grad_(False)
+    return ModelHandle(kind="sd", name="sd14-random", unet=unet, scheduler=None, tokenizers=[], text_encoders=[])
+
+
+def random_states(count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(count, TOKENS, DIM, generator=generator)
+
+
+def uce_solution(model, concept_states, concept_lasts, guide_states, guide_last, preserve_states, config):
+    """What ``uce.uce_edit`` does after encoding: the rows and one float64 solve."""
+    E, G, P = uce.uce_rows_from_states(
+        concept_states, concept_lasts, guide_states.expand(len(concept_states), -1, -1), [guide_last] * len(concept_states),
+        preserve_states, [0] * len(preserve_states), config.token_mode,
+    )
+    preserve_scale = uce.resolve_preserve_scale(config.preserve_scale, config.token_mode, len(preserve_states))
+    original = uce.key_value_weights(model, original=True, edit_keys=config.edit_keys)
+    return uce.uce_solve(E, G, P, config.lamb, config.erase_scale, preserve_scale), original
+
+
+def uce_erasure(model, *states_and_lasts, config) -> Erasure:
+    """What ``uce.erase`` does after encoding: the solve, the deltas, the Erasure."""
+    solution, original = uce_solution(model, *states_and_lasts, config)
+    return Erasure.from_deltas(model, "uce", ["concept"], {}, uce.uce_deltas(original, solution))
+
+
+def rece_erasure(model, concept_states, guide_states, preserve_states, config: rece.RECEConfig) -> Erasure:
+    """What ``rece.erase`` does after encoding: the UCE solve, the rounds, the deltas, the Erasure."""
+    solution, original = uce_solution(model, concept_states, [1], guide_states, 0, preserve_states, config.uce_config())
+    retain_rows = preserve_states.reshape(-1, DIM)
+    deltas, info = rece.rece_rounds(original, solution.transform(), concept_states, guide_states, retain_rows, config)
+    return Erasure.from_deltas(model, "rece", ["concept"], {}, deltas, info)
+
+
+def timed(label: str, target: float, function):
+    started = time.perf_counter()
+    result = function()
+    seconds = time.perf_counter() - started
+    print(f"{label:<36} {seconds:7.2f} s   (target < {target:g} s)", flush=True)
+    return result
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    started = time.perf_counter()
+    model = sd14_handle()
+    print(f"built the SD 1.4 UNet in {time.perf_counter() - started:.1f} s: {len(model.key_value_projections())} to_k/to_v matrices")
+    generator = torch.Generator().manual_seed(0)
+    concept, guide, empty = random_states(1, generator), random_states(1, generator)[0], random_states(1, generator)
+    uce_config = rece.RECEConfig().uce_config()  # legacy rows, guide " ", "" preserved, λ 0.5
+
+    timed("UCE, 1 concept", 5, lambda: uce_erasure(model, concept, [1], guide, 0, empty, config=uce_config))
+    result = timed("RECE, UCE + 3 rounds, no validation", 15, lambda: rece_erasure(model, concept, guide, empty, rece.RECEConfig(epochs=3)))
+    print(f"    adversarial residual before/after each round: {result.info['adversarial_residual_before']} / "
+          f"{result.info['adversarial_residual_after']}")
+
+    concepts = random_states(100, generator)
+    lasts = [1 + i % 3 for i in range(100)]
+    many = timed("UCE, 100 concepts in one solve", 60, lambda: uce_erasure(model, concepts, lasts, guide, 0, empty, config=uce_config))
+    print(f"    {sum(TOKENS - n for n in lasts)} erased rows, {len(many.deltas)} matrices")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""RECE: Reliable and Efficient Concept Erasure (Gong et al., ECCV 2024).
+
+RECE starts from a legacy-UCE edit and then, for ``epochs`` rounds, finds the text
+embedding that still makes the edited model produce the concept and erases that too.
+Every step is closed-form (research notes, section 3.1):
+
+Step 0, UCE
+    :mod:`erasekit.methods.uce` in ``"legacy"`` token mode from the original weights W⁰,
+    with RECE's guide, "" preserved, λ = ``uce_lamb`` (0.5), s_p = ``uce_preserve_scale``.
+
+Step 1, the adversarial embedding (``close_regzero``)
+    For every token row c of the concept prompt's full embedding, with W'_l the current and
+    W⁰_l the original to_k and to_v of every cross-attention layer::
+
+        c' = (λ I + Σ_l W'_lᵀ W'_l)⁻¹ (Σ_l W'_lᵀ W⁰_l) c
+
+    the minimiser of Σ_l ||W'_l c' - W⁰_l c||² + λ ||c'||², λ = ``regular_scale``: an
+    embedding for which the edited model emits the original model's keys and values of the
+    concept. See :func:`closed_form_adversarial_embedding`, which any attack can call.
+
+Step 2, erase c'
+    The UCE closed form with the current weights W as the anchor::
+
+        W ← (λ₂ W + s_e Σ (W g) c'ᵀ + λ₁ Σ (W p) pᵀ)(λ₂ I + s_e Σ c' c'ᵀ + λ₁ Σ p pᵀ)⁻¹
+
+    over all rows: row k of c' maps to row k of the guide prompt's embedding g, and p runs
+    over every row of the retain prompts. λ₂ = ``lamb``, λ₁ = ``preserve_scale``,
+    s_e = ``erase_scale``.
+
+With ``validate`` (a callable scoring a model, lower is better) each round's result is
+applied to the model, scored and taken off again, and the best round is kept; otherwise
+the last round is. The result is one :class:`~erasekit.Erasure` of deltas from the
+original weights, holding the UCE edit and every round up to the kept one.
+
+How it is computed: every UCE-style step multiplies every matrix on the right by the same
+d x d matrix T (see :mod:`erasekit.methods.uce`), so after the UCE edit and k rounds
+W'_l = W⁰_l S with S = T_uce T_1 ... T_k. The sums of step 1 are then
+Σ W'ᵀW' = Sᵀ H⁰ S and Σ W'ᵀW⁰ = Sᵀ H⁰ with H⁰ = Σ_l W⁰_lᵀ W⁰_l, computed once; a round
+costs a few d x d products, and the deltas W⁰_l (S - I) are formed at the end (and after
+every round when validating). All of it is float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from erasekit.erasure import Erasure
+from erasekit.errors import ErasekitError
+from erasekit.methods.uce import UCEConfig, encode_states, float64_device, key_value_weights, uce_edit, uce_solve
+from erasekit.models.handle import Conditioning
+
+
+@dataclass
+class RECEConfig:
+    """RECE settings; the defaults are the paper's nudity settings (research notes, section 3.2)."""
+
+    epochs: int = 3  # rounds of (adversarial embedding, erase it)
+    regular_scale: float = 0.1  # λ of close_regzero: c' = (λI + Σ W'ᵀW')⁻¹ Σ W'ᵀW⁰ c
+    lamb: float = 0.1  # λ₂: pull towards the current weights in each round
+    preserve_scale: float = 0.1  # λ₁: weight of the retain rows in each round
+    erase_scale: float = 1.0  # s_e
+    guide: str = " "  # c' maps to this prompt's rows (" " for nudity and objects, "art" for artists)
+    retain: list[str] = field(default_factory=lambda: [" "])  # prompts kept in each round (with erase(preserve=...))
+    # the legacy-UCE edit RECE starts from (its guide is ``guide``; "" is always preserved)
+    uce_preserve: list[str] = field(default_factory=list)
+    uce_lamb: float = 0.5
+    uce_erase_scale: float = 1.0
+    uce_preserve_scale: float | None = None  # None: max(0.1, 1/|P|), 1.0 with only "" preserved
+    edit_keys: bool = True  # edit (and derive c' through) to_k as well as to_v
+
+    def uce_config(self) -> UCEConfig:
+        return UCEConfig(
+            guide=self.guide, preserve=list(self.uce_preserve), lamb=self.uce_lamb, erase_scale=self.uce_erase_scale,
+            preserve_scale=self.uce_preserve_scale, token_mode="legacy", edit_keys=self.edit_keys,
+        )
+
+
+CONFIG = RECEConfig
+
+# Per concept type, from the RECE README and model card (research notes, section 3.2).
+PRESETS = {
+    "paper": {},
+    # Untuned for the toy model (its trained weights were not available when this was written): the paper's settings.
+    "toy": {},
+    "nudity": {"epochs": 3, "regular_scale": 1e-1, "guide": " ", "retain": [" "]},
+    # the 11 I2P categories (erasekit.methods.uce.I2P_CONCEPTS), chosen by Q16 in the paper
+    "unsafe": {"epochs": 2, "regular_scale": 1e-1, "guide": " ", "retain": [" "]},
+    # the paper also keeps the 1,733 other artists: pass them with preserve=... (they go to UCE and to the retain set)
+    "artist": {"epochs": 1, "regular_scale": 1e-3, "guide": "art", "retain": [""], "uce_preserve_scale": 0.1},
+    # "easy" objects (English springer, golf ball, parachute)
+    "object": {"epochs": 1, "regular_scale": 1e-1, "guide": " ", "retain": [""]},
+    # "difficult" objects (church, garbage truck)
+    "object-difficult": {"epochs": 1, "regular_scale": 1e-3, "guide": " ", "retain": [""]},
+}
+
+
+# ------------------------------------------------------------------ step 1: the adversarial embedding
+def weight_gram(weights: dict[str, torch.Tensor], others: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Σ_l W_lᵀ V_l (d x d, float64) over the named matrices, with V = W when ``others`` is None."""
+    if not weights:
+        raise ErasekitError("no matrices given; pass the model's to_k/to_v weights")
+    if others is not None and set(others) != set(weights):
+        raise ErasekitError("the edited and original weights name different matrices; pass the same to_k/to_v names in both")
+    first = next(iter(weights.values()))
+    dim, device = first.shape[1], float64_device(first)
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for name, W in weights.items():
+            W = W.detach().to(device, torch.float64)
+            V = W if others is None else others[name].detach().to(device, torch.float64)
+            gram += W.T @ V
+    return gram
+
+
+def adversarial_map_from_grams(edited_gram: torch.Tensor, cross_gram: torch.Tensor, regular_scale: float) -> torch.Tensor:
+    """A = (λI + Σ W'ᵀW')⁻¹ Σ W'ᵀW⁰ from the two sums, so that c' = A c (close_regzero)."""
+    dim = edited_gram.shape[0]
+    system = regular_scale * torch.eye(dim, dtype=torch.float64, device=edited_gram.device) + edited_gram
+    cholesky, failed = torch.linalg.cholesky_ex(system)
+    if int(failed) != 0:
+        raise ErasekitError(f"λI + Σ W'ᵀW' is singular with regular_scale={regular_scale}; use regular_scale > 0")
+    return torch.cholesky_solve(cross_gram, cholesky)
+
+
+def adversarial_embedding_map(
+    edited_weights: dict[str, torch.Tensor], original_weights: dict[str, torch.Tensor], regular_scale: float = 0.1
+) -> torch.Tensor:
+    """The d x d float64 matrix A with c' = A c: A = (λI + Σ_l W'_lᵀ W'_l)⁻¹ Σ_l W'_lᵀ W⁰_l.
+
+    ``edited_weights`` and ``original_weights`` map the same names to (d_out, d) matrices
+    (all to_k and to_v in RECE); any edit of them works, not only RECE's.
+    """
+    return adversarial_map_from_grams(
+        weight_gram(edited_weights), weight_gram(edited_weights, original_weights), regular_scale
+    )
+
+
+def closed_form_adversarial_embedding(
+    model,
+    concept_embedding: torch.Tensor | Conditioning,
+    edited_weights: dict[str, torch.Tensor] | None = None,
+    original_weights: dict[str, torch.Tensor] | None = None,
+    regular_scale: float = 0.1,
+    edit_keys: bool = True,
+) -> torch.Tensor | Conditioning:
+    """RECE's closed-form adversarial embedding (``close_regzero``) of every token row at once.
+
+    c' = (λI + Σ_l W'_lᵀ W'_l)⁻¹ (Σ_l W'_lᵀ W⁰_l) c over every cross-attention to_k and to_v,
+    the minimiser of Σ_l ||W'_l c' - W⁰_l c||² + λ||c'||² (research notes, section 3.1, step 1).
+
+    ``concept_embedding`` is text states of shape (..., tokens, dim) or a :class:`Conditioning`
+    (its ``hidden_states`` are replaced, SDXL's pooled embedding is kept); the result has the
+    same type, shape, dtype and device. By default W' are the model's current weights (its
+    applied erasures included) and W⁰ its original ones (``model.original_parameters``);
+    pass ``edited_weights``/``original_weights`` (name -> matrix) to use others, in which case
+    ``model`` may be None. ``edit_keys=False`` uses to_v only.
+    """
+    if model is None and (edited_weights is None or original_weights is None):
+        raise ErasekitError("pass a model, or both edited_weights and original_weights")
+    if edited_weights is None:
+        edited_weights = key_value_weights(model, original=False, edit_keys=edit_keys)
+    if original_weights is None:
+        original_weights = key_value_weights(model, original=True, edit_keys=edit_keys)
+    states = concept_embedding.hidden_states if isinstance(concept_embedding, Conditioning) else concept_embedding
+    A = adversarial_embedding_map(edited_weights, original_weights, regular_scale)
+    adversarial = (states.detach().to(A.device, torch.float64) @ A.T).to(states.device, states.dtype)
+    if isinstance(concept_embedding, Conditioning):
+        return concept_embedding.with_hidden_states(adversarial)
+    return adversarial
+
+
+def adversarial_residual(
+    edited_weights: dict[str, torch.Tensor], original_weights: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor
+) -> float:
+    """sqrt(Σ_l ||W'_l x - W⁰_l c||² / Σ_l ||W⁰_l c||²) over the rows x of ``inputs`` and c of ``targets`` (float64).
+
+    How far the edited projections of ``inputs`` are from the original projections of the
+    concept rows ``targets``: 0 when the edited model reproduces them exactly, larger when less
+    of the concept comes through.
+    """
+    dim = inputs.shape[-1]
+    error, total = 0.0, 0.0
+    with torch.no_grad():
+        for name, edited in edited_weights.items():
+            device = float64_device(edited)
+            x = inputs.detach().reshape(-1, dim).to(device, torch.float64)
+            c = targets.detach().reshape(-1, dim).to(device, torch.float64)
+            reference = c @ original_weights[name].detach().to(device, torch.float64).T
+            error += float(((x @ edited.detach().to(device, torch.float64).T) - reference).square().sum())
+            total += float(reference.square().sum())
+    return (error / total) ** 0.5 if total > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------- the rounds
+def transform_deltas(original_weights: dict[str, torch.Tensor], transform: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W⁰_l (S - I) for every matrix: the deltas of the edit W'_l = W⁰_l S, in float32 (computed in float64)."""
+    change = transform - torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
+    with torch.no_grad():
+        return {
+            name: (W.detach().to(change.device, torch.float64) @ change).to(W.device, torch.float32)
+            for name, W in original_weights.items()
+        }
+
+
+def _relative_residual(original_gram: torch.Tensor, transform: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """:func:`adversarial_residual` for W'_l = W⁰_l S, from H⁰ = Σ W⁰ᵀW⁰: Σ_rows rᵀH⁰r with r = S x - c."""
+    r = inputs @ transform.T - targets
+    total = float(((targets @ original_gram) * targets).sum())
+    return (float(((r @ original_gram) * r).sum()) / total) ** 0.5 if total > 0 else 0.0
+
+
+def rece_rounds(
+    original_weights: dict[str, torch.Tensor],
+    start_transform: torch.Tensor,
+    concept_states: torch.Tensor,
+    guide_states: torch.Tensor,
+    retain_rows: torch.Tensor | None,
+    config: RECEConfig,
+    score: Callable[[dict[str, torch.Tensor]], float] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """RECE's rounds from a UCE edit, on text states given directly (no text encoder needed).
+
+    ``original_weights`` are W⁰ by name; ``start_transform`` is the UCE edit as a d x d matrix
+    (``UCESolution.transform()``, W' = W⁰ T_uce); ``concept_states`` (concepts, tokens, dim) is
+    every concept prompt's full embedding, ``guide_states`` (tokens, dim) the guide prompt's and
+    ``retain_rows`` (rows, dim) the retain prompts' rows. ``score(deltas)`` scores a round (lower
+    is better) and the best round is kept; without it the last one. Returns (deltas from W⁰, info).
+    """
+    if concept_states.ndim == 2:
+        concept_states = concept_states.unsqueeze(0)
+    if concept_states.shape[1:] != guide_states.shape:
+        raise ErasekitError(
+            f"concept states {tuple(concept_states.shape)} and guide states {tuple(guide_states.shape)} differ in tokens or dim; "
+            "encode them with the same model"
+        )
+    original_gram = weight_gram(original_weights)  # H⁰ = Σ W⁰ᵀW⁰, once
+    device, dim = original_gram.device, guide_states.shape[-1]
+    concept_rows = concept_states.reshape(-1, dim).to(device, torch.float64)
+    guide_rows = guide_states.to(device, torch.float64).repeat(concept_states.shape[0], 1)  # row k of each c' -> row k of g
+    transform = start_transform.to(device, torch.float64)  # S, with W' = W⁰ S
+    scores, before, after = [], [], []
+    best_transform, best_epoch = None, None
+    for epoch in tqdm(range(config.epochs), desc="RECE", disable=not progress, leave=False):
+        # step 1: c' = (λI + Σ W'ᵀW')⁻¹ Σ W'ᵀW⁰ c, with Σ W'ᵀW' = Sᵀ H⁰ S and Σ W'ᵀW⁰ = Sᵀ H⁰
+        A = adversarial_map_from_grams(transform.T @ original_gram @ transform, transform.T @ original_gram, config.regular_scale)
+        adversarial_rows = concept_rows @ A.T
+        before.append(_relative_residual(original_gram, transform, adversarial_rows, concept_rows))
+        # step 2: UCE-erase c' towards the guide, anchored on the current weights: W' <- W' T
+        solution = uce_solve(adversarial_rows, guide_rows, retain_rows, config.lamb, config.erase_scale, config.preserve_scale)
+        transform = transform @ solution.transform()
+        after.append(_relative_residual(original_gram, transform, adversarial_rows, concept_rows))
+        if score is not None:
+            scores.append(float(score(transform_deltas(original_weights, transform))))
+            if best_transform is None or scores[-1] < scores[best_epoch]:
+                best_transform, best_epoch = transform, epoch
+    if best_transform is None:
+        best_transform, best_epoch = transform, config.epochs - 1
+    info = {
+        "epochs": config.epochs,
+        "chosen_epoch": best_epoch,  # 0 = after the first round (RECE's *_ep0); -1 = the UCE edit alone (epochs=0)
+        "scores": scores if score is not None else None,
+        # relative error of the edited projections of c' against the original ones of c, before and after each round
+        "adversarial_residual_before": [round(r, 6) for r in before],
+        "adversarial_residual_after": [round(r, 6) for r in after],
+    }
+    return transform_deltas(original_weights, best_transform), info
+
+
+def _check(config: RECEConfig) -> None:
+    if config.epochs < 0:
+        raise ErasekitError(f"epochs={config.epochs}; RECE needs epochs >= 0")
+    if config.regular_scale < 0 or config.lamb < 0 or config.preserve_scale < 0 or config.erase_scale <= 0:
+        raise ErasekitError("RECE needs regular_scale, lamb, preserve_scale >= 0 and erase_scale > 0; fix the --set values")
+
+
+def erase(
+    model,
+    concepts,
+    preserve=(),
+    config: RECEConfig | None = None,
+    progress: bool = True,
+    validate: Callable | None = None,
+) -> Erasure:
+    """Erase ``concepts`` with RECE: legacy UCE, then ``config.epochs`` closed-form rounds.
+
+    ``validate(model) -> float`` (lower is better), when given, scores each round's result
+    applied to ``model``; the best round is kept, and every score and the chosen round are
+    in ``erasure.info``. ``preserve`` prompts are kept by the UCE step and by every round.
+    """
+    config = config or RECEConfig()
+    _check(config)
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    preserve = list(preserve)
+    started = time.perf_counter()
+    config_dict = dataclasses.asdict(config)
+
+    uce_solution, original, uce_info = uce_edit(model, concepts, preserve, config.uce_config())
+
+    retain = list(dict.fromkeys([*config.retain, *preserve]))
+    for prompt in [*concepts, config.guide, *retain]:
+        model.check_prompt_fits(prompt)
+    states = encode_states(model, [*concepts, config.guide, *retain])
+    concept_states = states[: len(concepts)]
+    guide_states = states[len(concepts)]
+    retain_rows = states[len(concepts) + 1 :].reshape(-1, states.shape[-1])
+
+    score = None
+    if validate is not None:
+        def score(deltas):
+            candidate = Erasure.from_deltas(model, "rece", concepts, config_dict, deltas)
+            candidate.apply(model)
+            try:
+                return float(validate(model))
+            finally:
+                candidate.remove(model)
+
+    deltas, info = rece_rounds(original, uce_solution.transform(), concept_states, guide_states, retain_rows, config, score, progress)
+    info["uce"] = uce_info
+    info["seconds"] = round(time.perf_counter() - started, 3)
+    return Erasure.from_deltas(model, "rece", concepts, config_dict, deltas, info)

@@ -1,0 +1,347 @@
+"""UCE and RECE: the closed forms, the token rows, the adversarial embedding, the Erasure they return.
+
+Every test runs in seconds on a toy-shaped UNet with random weights and the real MiniLM
+text encoder (offline, 24-token prompts). They check the math, not erasure quality on a
+trained model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import erasekit
+from erasekit.errors import ErasekitError
+from erasekit.methods import rece, uce
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    from erasekit.models.toy import toy_unet_config, write_toy_folder
+
+    folder = tmp_path_factory.mktemp("uce_rece") / "m"
+    torch.manual_seed(0)
+    write_toy_folder(folder, UNet2DConditionModel(**toy_unet_config()))
+    handle = erasekit.load_model(folder)
+    yield handle
+    assert not handle.applied_erasures
+
+
+def kv_snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: w.clone() for name, w in uce.key_value_weights(model, original=False).items()}
+
+
+def states(model, prompt: str) -> torch.Tensor:
+    return model.encode([prompt]).hidden_states[0].double()
+
+
+# ------------------------------------------------------------------------------ the closed form
+@pytest.mark.parametrize("num_erase", [5, 300])  # the low-rank and the dense order of the product
+def test_closed_form_equals_the_spec_formula(num_erase):
+    generator = torch.Generator().manual_seed(0)
+    d, n = 64, 40
+    W = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    E = torch.randn(num_erase, d, generator=generator, dtype=torch.float64)
+    G = torch.randn(num_erase, d, generator=generator, dtype=torch.float64)
+    P = torch.randn(30, d, generator=generator, dtype=torch.float64)
+    lamb, s_e, s_p = 0.5, 1.3, 0.7
+    numerator = lamb * W + s_e * (W @ G.T) @ E + s_p * (W @ P.T) @ P
+    denominator = lamb * torch.eye(d, dtype=torch.float64) + s_e * E.T @ E + s_p * P.T @ P
+    expected = numerator @ torch.linalg.inv(denominator)
+    got = uce.uce_closed_form(W, E, G, P, lamb, s_e, s_p)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    assert got.dtype == torch.float64
+    assert uce.uce_closed_form(W.float(), E, G, P, lamb, s_e, s_p).dtype == torch.float32
+
+
+def test_closed_form_maps_erased_rows_to_guide_outputs(model):
+    """Legacy rows, no preserve, tiny λ: W_new c_i = W_old g_i for every erased row of every matrix."""
+    concept, guide = states(model, "red triangle"), states(model, "a painting")
+    E, G = uce.select_token_rows(concept, guide, model.last_word_index("red triangle"), model.last_word_index("a painting"))
+    solution = uce.uce_solve(E, G, None, lamb=1e-8)
+    for name, W_old in uce.key_value_weights(model).items():
+        W_new = solution.apply(W_old.double())
+        target = G @ W_old.double().T
+        error = (E @ W_new.T - target).norm() / target.norm()
+        assert error < 1e-4, name
+
+
+def test_last_token_erase_through_the_model(model):
+    """last_token mode (no implicit ""), tiny λ: the concept's last-token row now gives the guide's outputs."""
+    config = uce.UCEConfig(token_mode="last_token", lamb=1e-6, guide="circle")
+    erasure = uce.erase(model, ["blue triangle"], config=config)
+    assert erasure.info["erase_rows"] == 1 and erasure.info["preserve_rows"] == 0
+    c = states(model, "blue triangle")[model.last_word_index("blue triangle")]
+    g = states(model, "circle")[model.last_word_index("circle")]
+    original = uce.key_value_weights(model)
+    for name, W_old in original.items():
+        W_new = W_old.double() + erasure.deltas[name].double()
+        torch.testing.assert_close(W_new @ c, W_old.double() @ g, rtol=1e-3, atol=1e-3)
+
+
+def test_preserved_prompts_barely_move(model):
+    kept = ["blue circle", "a photo of a cat"]
+    erasure = uce.erase(model, ["red triangle"], preserve=kept)
+    assert erasure.info["preserved_prompts"] == 3  # the two and "" (legacy mode)
+    assert erasure.info["preserve_scale"] == pytest.approx(1 / 3)
+    erased, _ = uce.select_token_rows(
+        states(model, "red triangle"), states(model, " "), model.last_word_index("red triangle"), 0
+    )
+    preserved = torch.cat([states(model, p) for p in kept])
+    for name, W_old in uce.key_value_weights(model).items():
+        delta = erasure.deltas[name].double()
+        W = W_old.double()
+        preserved_change = (preserved @ delta.T).norm() / (preserved @ W.T).norm()
+        erased_change = (erased @ delta.T).norm() / (erased @ W.T).norm()
+        assert preserved_change < 0.1 * erased_change, name
+
+
+def test_the_empty_prompt_is_preserved_in_legacy_mode_only(model):
+    legacy = uce.erase(model, ["triangle"])
+    assert legacy.info["preserved_prompts"] == 1 and legacy.info["preserve_scale"] == 1.0  # max(0.1, 1/|{""}|)
+    assert legacy.info["preserve_rows"] == model.max_length
+    rewrite = uce.erase(model, ["triangle"], config=erasekit.methods.build_config("uce", "rewrite"))
+    assert rewrite.info["preserved_prompts"] == 0 and rewrite.info["preserve_scale"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ token rows
+def test_legacy_rows_hand_computed(model):
+    L = model.max_length  # 24
+    assert model.last_word_index("red triangle") == 2  # [CLS] red triangle [SEP]
+    assert model.last_word_index("triangle") == 1
+    assert model.last_word_index(" ") == 0 and model.last_word_index("a painting") == 2
+    # concept longer than the guide: concept rows 2..23 (word, SEP, pads), guide rows 0..21 (CLS, SEP, pads)
+    assert uce.legacy_row_slices(2, 0, L) == (slice(2, 24), slice(0, 22))
+    # guide longer than the concept: both trimmed to L - 2 rows
+    assert uce.legacy_row_slices(1, 2, L) == (slice(1, 23), slice(2, 24))
+    concept, guide = states(model, "triangle"), states(model, "a painting")
+    E, G = uce.select_token_rows(concept, guide, 1, 2, "legacy")
+    assert torch.equal(E, concept[1:23]) and torch.equal(G, guide[2:24])
+    assert torch.equal(E[0], concept[1]) and torch.equal(G[0], guide[2])  # the word maps to the guide's word
+    assert torch.equal(E[1], concept[2]) and torch.equal(G[1], guide[3])  # SEP to SEP
+
+
+def test_last_token_rows_hand_computed(model):
+    concept, guide = states(model, "red triangle"), states(model, " ")
+    E, G = uce.select_token_rows(concept, guide, 2, 0, "last_token")
+    assert torch.equal(E, concept[2:3]) and torch.equal(G, guide[0:1])  # "triangle" -> the guide's CLS
+    kept = torch.stack([states(model, "blue circle"), states(model, "cat")])
+    P = uce.preserve_token_rows(kept, [2, 1], "last_token")
+    assert torch.equal(P, torch.stack([kept[0, 2], kept[1, 1]]))
+    assert uce.preserve_token_rows(kept, [2, 1], "legacy").shape == (2 * model.max_length, kept.shape[-1])
+
+
+def test_erase_row_counts_follow_the_token_mode(model):
+    legacy = uce.erase(model, ["red triangle", "circle"])
+    assert legacy.info["erase_rows"] == (24 - 2) + (24 - 1)
+    expanded = uce.erase(model, ["circle"], config=uce.UCEConfig(token_mode="last_token", expand_prompts=["photo of {concept}"]))
+    assert expanded.info["erase_rows"] == 2
+
+
+def test_hundred_concepts_in_one_solve(model):
+    words = ["triangle", "circle", "square", "star", "cat", "dog", "house", "tree", "car", "boat"]
+    colours = ["red", "blue", "green", "yellow", "black", "white", "pink", "orange", "purple", "brown"]
+    concepts = [f"{c} {w}" for c in colours for w in words]
+    assert len(concepts) == 100
+    started = time.perf_counter()
+    erasure = uce.erase(model, concepts)
+    seconds = time.perf_counter() - started
+    assert erasure.info["erase_rows"] == 100 * (24 - 2)
+    assert all(torch.isfinite(d).all() for d in erasure.deltas.values())
+    assert seconds < 20, seconds
+
+
+# ------------------------------------------------------------------------------- RECE step 1
+def test_adversarial_embedding_is_the_regularised_least_squares_solution(model):
+    erasure = uce.erase(model, ["triangle"])
+    erasure.apply(model)
+    try:
+        c = model.encode(["triangle"]).hidden_states[0]
+        adversarial = rece.closed_form_adversarial_embedding(model, c, regular_scale=0.1)
+        edited, original = uce.key_value_weights(model, original=False), uce.key_value_weights(model, original=True)
+    finally:
+        erasure.remove(model)
+    assert adversarial.shape == c.shape and adversarial.dtype == c.dtype
+    # independent check: least squares on [W'_1; ...; W'_L; sqrt(λ) I] c' = [W⁰_1 c; ...; W⁰_L c; 0]
+    W_edited = torch.cat([w.double() for w in edited.values()])
+    W_original = torch.cat([original[n].double() for n in edited])
+    d = c.shape[-1]
+    system = torch.cat([W_edited, 0.1**0.5 * torch.eye(d, dtype=torch.float64)])
+    rhs = torch.cat([W_original @ c.double().T, torch.zeros(d, c.shape[0], dtype=torch.float64)])
+    expected = torch.linalg.lstsq(system, rhs).solution.T
+    torch.testing.assert_close(adversarial.double(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_adversarial_embedding_recovers_the_original_outputs(model):
+    erasure = uce.erase(model, ["triangle"])
+    erasure.apply(model)
+    try:
+        c = model.encode(["triangle"])
+        adversarial = rece.closed_form_adversarial_embedding(model, c)
+        edited, original = uce.key_value_weights(model, original=False), uce.key_value_weights(model, original=True)
+    finally:
+        erasure.remove(model)
+    assert isinstance(adversarial, erasekit.Conditioning)
+    plain = rece.adversarial_residual(edited, original, c.hidden_states, c.hidden_states)
+    recovered = rece.adversarial_residual(edited, original, adversarial.hidden_states, c.hidden_states)
+    assert plain > 0.5  # UCE changed what the concept's rows project to
+    assert recovered < 0.75 * plain  # c' gets much of it back (UCE's edit is near-singular, so not all)
+    # c' minimises Σ||W'c' - W⁰c||² + λ||c'||², so it does at least as well as c on that objective
+    reference = sum(float((c.hidden_states[0].double() @ w.double().T).square().sum()) for w in original.values())
+
+    def objective(x):
+        squared_error = rece.adversarial_residual(edited, original, x, c.hidden_states) ** 2 * reference
+        return squared_error + 0.1 * float(x.double().square().sum())
+
+    assert objective(adversarial.hidden_states) < objective(c.hidden_states)
+
+
+def test_adversarial_embedding_of_an_unedited_model_is_the_embedding(model):
+    c = model.encode(["triangle"]).hidden_states[0]
+    adversarial = rece.closed_form_adversarial_embedding(model, c, regular_scale=1e-6)
+    torch.testing.assert_close(adversarial, c, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------- RECE rounds
+def test_rece_erases_the_adversarial_embedding(model):
+    config = rece.RECEConfig(epochs=2)
+    erasure = rece.erase(model, ["triangle"], config=config, progress=False)
+    before, after = erasure.info["adversarial_residual_before"], erasure.info["adversarial_residual_after"]
+    assert len(before) == len(after) == 2
+    for b, a in zip(before, after):
+        assert a > b + 0.1  # each round moves c' away from the concept's original outputs
+    # the next round's adversarial embedding recovers less of the concept than the UCE edit's did
+    assert before[1] > before[0]
+    # and RECE's final weights recover less than UCE's
+    c = model.encode(["triangle"]).hidden_states[0]
+    original = uce.key_value_weights(model)
+    uce_deltas = uce.erase(model, ["triangle"], config=config.uce_config()).deltas
+    uce_weights = {n: w + uce_deltas[n] for n, w in original.items()}
+    rece_weights = {n: w + erasure.deltas[n] for n, w in original.items()}
+    residuals = {}
+    for label, weights in [("uce", uce_weights), ("rece", rece_weights)]:
+        adversarial = rece.closed_form_adversarial_embedding(None, c, weights, original, config.regular_scale)
+        residuals[label] = rece.adversarial_residual(weights, original, adversarial, c)
+    assert residuals["rece"] > residuals["uce"] + 0.05
+    # RECE tracks the weights as W⁰ S; its first residual is the one computed from the UCE weights themselves
+    assert before[0] == pytest.approx(residuals["uce"], rel=1e-4)
+
+
+def test_rece_round_maps_the_adversarial_embedding_to_the_guide(model):
+    """One round on text states given directly: W_new c' is close to W g, as UCE's closed form asks."""
+    config = rece.RECEConfig(epochs=1, lamb=1e-4, preserve_scale=1e-4)
+    solution, original, _ = uce.uce_edit(model, ["triangle"], config=config.uce_config())
+    c, g = states(model, "triangle"), states(model, " ")
+    deltas, info = rece.rece_rounds(original, solution.transform(), c, g, None, config)
+    current = {n: w + d for (n, w), d in zip(original.items(), uce.uce_deltas(original, solution).values())}
+    adversarial = rece.closed_form_adversarial_embedding(None, c, current, original, config.regular_scale)
+    for name, W in current.items():
+        W_new = original[name].double() + deltas[name].double()
+        target = g @ W.double().T
+        before = (adversarial @ W.double().T - target).norm()
+        after = (adversarial @ W_new.T - target).norm()
+        assert after < 0.05 * before, name
+
+
+def test_validation_keeps_the_lowest_scoring_round(model):
+    scores = iter([3.0, 1.0, 2.0])
+    seen = []
+
+    def validate(handle):
+        assert len(handle.applied_erasures) == 1  # the candidate is applied while it is scored
+        seen.append(kv_snapshot(handle))
+        return next(scores)
+
+    before = kv_snapshot(model)
+    erasure = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=3), validate=validate, progress=False)
+    assert erasure.info["scores"] == [3.0, 1.0, 2.0] and erasure.info["chosen_epoch"] == 1
+    after = kv_snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # every candidate was taken off
+    erasure.apply(model)
+    try:
+        chosen = kv_snapshot(model)
+    finally:
+        erasure.remove(model)
+    for name in chosen:
+        torch.testing.assert_close(chosen[name], seen[1][name], rtol=0, atol=1e-6)
+        assert not torch.allclose(chosen[name], seen[2][name])
+
+
+def test_rece_without_validation_keeps_the_last_round(model):
+    erasure = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=2), progress=False)
+    assert erasure.info["chosen_epoch"] == 1 and erasure.info["scores"] is None
+    only_uce = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=0), progress=False)
+    assert only_uce.info["chosen_epoch"] == -1
+    legacy = uce.erase(model, ["triangle"], config=rece.RECEConfig().uce_config())
+    for name, delta in legacy.deltas.items():
+        torch.testing.assert_close(only_uce.deltas[name], delta)
+
+
+# ------------------------------------------------------------------------------- the Erasure
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_apply_and_remove_restore_the_weights_exactly(model, method, tmp_path):
+    before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    erasure = erasekit.erase(model, method, ["triangle"], progress=False)
+    assert len(erasure.deltas) == len(model.key_value_projections())
+    assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in erasure.deltas)
+    erasure.apply(model)
+    changed = dict(model.unet.named_parameters())
+    assert any(not torch.equal(before[n], changed[n]) for n in erasure.deltas)
+    erasure.remove(model)
+    assert all(torch.equal(before[n], p) for n, p in model.unet.named_parameters())
+    loaded = erasekit.Erasure.load(erasure.save(tmp_path / method))
+    assert loaded.info == erasure.info and set(loaded.deltas) == set(erasure.deltas)
+
+
+def test_registry_and_presets(model):
+    erasure = erasekit.erase(model, "uce", ["triangle"])
+    assert erasure.method == "uce" and erasure.concepts == ["triangle"] and erasure.config["lamb"] == 0.5
+    for preset in uce.PRESETS:
+        erasekit.methods.build_config("uce", preset)
+    for preset in rece.PRESETS:
+        erasekit.methods.build_config("rece", preset)
+    artist = erasekit.erase(model, "rece", ["van gogh"], preset="artist", progress=False)
+    assert artist.config["guide"] == "art" and artist.info["epochs"] == 1
+    assert artist.info["uce"]["preserve_scale"] == 0.1
+    keys_only = erasekit.erase(model, "uce", ["triangle"], overrides={"edit_keys": "false"})
+    assert all(n.endswith("to_v.weight") for n in keys_only.deltas)
+
+
+def test_edits_start_from_the_original_weights(model):
+    """With another erasure applied, UCE still edits W_old = the original weights."""
+    alone = uce.erase(model, ["circle"])
+    other = uce.erase(model, ["triangle"])
+    other.apply(model)
+    try:
+        stacked = uce.erase(model, ["circle"])
+    finally:
+        other.remove(model)
+    for name, delta in alone.deltas.items():
+        assert torch.equal(stacked.deltas[name], delta)
+
+
+def test_bad_input_raises_a_clear_error(model):
+    with pytest.raises(ErasekitError, match="shorten"):
+        erasekit.erase(model, "uce", [" ".join(["triangle"] * 30)])
+    with pytest.raises(ErasekitError, match="shorten"):
+        uce.erase(model, ["triangle"], config=uce.UCEConfig(guide=" ".join(["circle"] * 30)))
+    with pytest.raises(ErasekitError, match="token_mode"):
+        uce.erase(model, ["triangle"], config=uce.UCEConfig(token_mode="middle"))
+    with pytest.raises(ErasekitError, match="singular"):
+        uce.erase(model, ["triangle"], config=uce.UCEConfig(token_mode="last_token", lamb=0.0))
+    with pytest.raises(ErasekitError, match="concept"):
+        uce.erase(model, ["triangle"], config=uce.UCEConfig(expand_prompts=["photo of"]))
+    with pytest.raises(ErasekitError, match="epochs"):
+        rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=-1))
+
+
+def test_sd_and_sdxl_shaped_models(tiny_sd_folder, tiny_sdxl_folder):
+    for folder in (tiny_sd_folder, tiny_sdxl_folder):
+        handle = erasekit.load_model(folder)
+        erasure = erasekit.erase(handle, "rece", ["red triangle"], progress=False)
+        assert len(erasure.deltas) == len(handle.key_value_projections())
+        assert all(torch.isfinite(d).all() for d in erasure.deltas.values())
