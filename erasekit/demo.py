@@ -29,7 +29,7 @@ def _grid(model, path: Path, seeds: list[int]) -> None:
 
 
 def _scores(model, quick: bool) -> dict:
-    per_shape = 2 if quick else 6
+    per_shape = 1 if quick else 3
     main = evaluate_toy(model, shape_prompts(per_shape=per_shape), samples_per_prompt=2, progress=False)
     held = evaluate_toy(model, held_out_prompts(shapes=[DEMO_CONCEPT], per_word=per_shape // 2 or 1), samples_per_prompt=2, progress=False)
     shapes = main["by_value"]["shape"]

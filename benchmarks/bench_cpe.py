@@ -1,0 +1,131 @@
+"""Time CPE per concept on the toy model and on an SD 1.4-shaped UNet (random weights, random 77 x 768 text states).
+
+    python benchmarks/bench_cpe.py          # the toy preset end to end, SD 1.4 steps timed and extrapolated
+    python benchmarks/bench_cpe.py --full   # also train one SD 1.4 concept with the paper's whole schedule
+
+The toy part runs ``erasekit.erase(model, "cpe", ["triangle"], preset="toy")`` on the trained toy
+model (a toy-shaped UNet with random weights if none is installed), text encoding included.
+
+The SD 1.4 part builds the UNet from Stable Diffusion 1.4's config (16 cross-attention layers,
+32 to_k/to_v projections) and skips the text encoder: ``cpe.train_concept`` takes text states,
+here random (31 templates, 1,000 cached anchors). It times the per-layer weights (σ_max), each kind
+of training step, and extrapolates each paper schedule (celebrity: 1,800 + 4 x 450 erase steps and
+4 x 450 attack steps); encoding the real prompts with CLIP is not included. Times are the process's
+CPU seconds, which stay fair on a core shared with other jobs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+import erasekit
+from erasekit.methods import cpe
+
+# Stable Diffusion 1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json)
+SD14_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+TOKENS, DIM = 77, 768
+STEPS = 40  # timed steps of each kind
+
+
+def toy_model():
+    try:
+        return erasekit.load_model("toy"), "trained toy model"
+    except erasekit.ErasekitError:
+        import tempfile
+
+        from diffusers import UNet2DConditionModel
+
+        from erasekit.models.toy import toy_unet_config, write_toy_folder
+
+        folder = tempfile.mkdtemp() + "/toy"
+        torch.manual_seed(0)
+        write_toy_folder(folder, UNet2DConditionModel(**toy_unet_config()))
+        return erasekit.load_model(folder), "toy-shaped UNet, random weights (no trained toy model installed)"
+
+
+def bench_toy() -> None:
+    model, label = toy_model()
+    started, cpu = time.perf_counter(), time.process_time()
+    erasure = erasekit.erase(model, "cpe", ["triangle"], preset="toy", progress=False)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    info = erasure.info["concepts"]["triangle"]
+    print(f"toy ({label}): 'triangle', preset toy: {seconds:.1f} s per concept ({cpu:.1f} CPU s; "
+          f"{info['templates']} templates, {info['anchors']} anchor prompts, text encoding included)", flush=True)
+
+
+def timed_training(bank, targets, neutrals, anchors, config) -> float:
+    """CPU seconds of one training run (the process's own time: fair on a core shared with other jobs)."""
+    started = time.process_time()
+    cpe.train_concept(bank, targets, neutrals, anchors, config, progress=False)
+    return time.process_time() - started
+
+
+def bench_sd14(full: bool) -> None:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD14_UNET_CONFIG).eval().requires_grad_(False)
+    layers = {n: m for n, m in unet.named_modules() if getattr(m, "is_cross_attention", False)}
+    started = time.process_time()
+    bank = cpe.KVProjections.from_layers(layers, TOKENS)
+    print(f"SD 1.4 UNet (random): {len(bank.names)} projections; per-layer weights (σ_max) in {time.process_time() - started:.1f} CPU s",
+          flush=True)
+    print("  CPU time per step and per concept:")
+
+    generator = torch.Generator().manual_seed(0)
+    targets, neutrals = (torch.randn(31, TOKENS, DIM, generator=generator) for _ in range(2))
+    anchors = torch.randn(1000, TOKENS, DIM, generator=generator)
+    paper = cpe.CPEConfig()  # celebrity: r 1, r_g 16, 16 perturbations, 32 anchors per step
+    plain = timed_training(bank, targets, neutrals, anchors, replace(paper, stages=1, first_stage_iterations=STEPS)) / STEPS
+    attack = timed_training(bank, targets, neutrals, anchors, replace(
+        paper, stages=2, first_stage_iterations=0, iterations=0, adversarial_iterations=STEPS)) / STEPS
+    both = timed_training(bank, targets, neutrals, anchors, replace(
+        paper, stages=2, first_stage_iterations=0, iterations=STEPS, adversarial_iterations=STEPS)) / STEPS
+    adversarial = both - attack
+    print(f"    erase step, stage 0 (1 target + 32 anchors):           {1000 * plain:7.1f} ms")
+    print(f"    erase step, stages 1.. (+ 16 adversarial embeddings):  {1000 * adversarial:7.1f} ms")
+    print(f"    attack step (16 embeddings):                           {1000 * attack:7.1f} ms")
+
+    inputs = torch.randn(17, TOKENS, DIM, generator=generator)
+    x = torch.randn(17, TOKENS, DIM, generator=generator)
+    resag = cpe.ResAG(bank.dim, bank.out_dims)
+    with torch.no_grad():
+        for kind, function in [("input-space form", lambda: bank.losses(resag.mixed(inputs), resag.down, bank.factors(resag), x)),
+                               ("projection outputs", lambda: bank.direct_losses(resag, inputs, x))]:
+            function()
+            started = time.process_time()
+            for _ in range(3):
+                function()
+            print(f"    loss of 17 prompts over 32 projections, {kind:<19} {1000 * (time.process_time() - started) / 3:7.1f} ms")
+
+    for name, preset in [("celebrity", "paper"), ("artist", "artist"), ("explicit", "explicit")]:
+        config = erasekit.methods.build_config("cpe", preset)
+        later = config.stages - 1
+        adversarial_step = adversarial if config.adversarial_embeddings == 16 else adversarial * config.adversarial_embeddings / 16
+        attack_step = attack * config.adversarial_embeddings / 16
+        seconds = (config.first_stage_iterations * plain + later * config.iterations * (plain + adversarial_step)
+                   + later * config.adversarial_iterations * attack_step)
+        print(f"    paper {name} schedule, one concept (extrapolated):       {seconds:7.0f} s")
+    if full:
+        seconds = timed_training(bank, targets, neutrals, anchors, paper)
+        print(f"    paper celebrity schedule, one concept (measured):     {seconds:7.0f} s")
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
+    bench_toy()
+    bench_sd14("--full" in sys.argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,577 @@
+"""ESD: Erasing Concepts from Diffusion Models (Gandikota, Materzyńska, Fiotto-Kaufman, Bau; ICCV 2023).
+
+ESD fine-tunes part of the UNet so that its prediction for the concept c follows *negative*
+guidance away from c, as computed by the frozen original model θ* (paper Eq. 6; research
+notes, section 1.1)::
+
+    L = || ε_θ(x_t, c, t) - [ ε_θ*(x_t, "", t) - η (ε_θ*(x_t, c, t) - ε_θ*(x_t, "", t)) ] ||²
+
+η is ``negative_guidance``. The target is computed without gradients; only ε_θ(x_t, c, t)
+carries them. With ``erase_from = c_f`` (the diffusers rewrite's variant, e.g. "hat" from
+"cowboy") the target is ε_θ*(x_t, c_f) - η (ε_θ*(x_t, c) - ε_θ*(x_t, "")), the trained
+prediction is ε_θ(x_t, c_f), and x_t is sampled from c_f.
+
+**Where x_t comes from** (no images are used; research notes, section 1.2). Each iteration
+draws one concept (uniformly, when several are given), a DDIM index k uniformly from
+{0 .. ddim_steps-1} and fresh noise; x_t is the latent after k steps of ``ddim_steps``-step
+DDIM (eta 0) from that noise, with classifier-free guidance ``start_guidance`` on the concept,
+run without gradients by the model being trained (``sample_with="trained"``, the paper) or by
+the frozen original (``"frozen"``, the diffusers rewrite). Then the DDPM training timestep t
+is drawn for each batch element uniformly from the interval of step k:
+
+    t ∈ [ T (N-k-1)/N ,  T (N-k)/N )          (T = num_train_timesteps, N = ddim_steps)
+
+diffusers' DDIM timesteps run **downwards** (timesteps[0] ≈ 980 for N=50), and after k
+steps the latent sits at ``scheduler.timesteps[k]`` (k=0: pure noise). The interval above
+is the k-th of N equal slices of [0, T) counted from the top, so it holds timesteps[k]
+("leading" spacing with steps_offset 0 or 1, and "trailing" spacing alike): k=0 gives
+t ∈ [980, 1000), k=49 gives t ∈ [0, 20). It is the CompVis interval [20k, 20(k+1)) mirrored
+for diffusers' index order (the notes' "mapping pitfall"); see :func:`ddim_timestep_range`.
+With ``batch_size`` B > 1 the B latents of an iteration share the concept and k (one DDIM
+run) and each draws its own t from the interval.
+
+**Which parameters train** (``parameter_set``; research notes, section 1.3), by diffusers
+parameter names, all parameters (weights, biases and norms) of the selected modules:
+
+``xattn`` (ESD-x, alias ``esd-x``)
+    everything inside cross-attention modules (``attn2``: to_q, to_k, to_v, to_out).
+``noxattn`` (ESD-u, alias ``esd-u``)
+    the CompVis ``noxattn`` set: everything except ``attn2``, the time embedding
+    (``time_embedding``, ``time_emb``; SDXL's ``add_embedding``) and the output layer
+    (``conv_norm_out`` and ``conv_out``, CompVis ``out.``). The ResNets' own time
+    projections (``time_emb_proj``, CompVis ``emb_layers``) stay trainable, as in CompVis.
+``full`` (alias ``esd-all``)
+    every UNet parameter.
+``selfattn``
+    everything inside self-attention (``attn1``).
+``xattn-strict`` (alias ``esd-x-strict``)
+    only ``attn2.to_k`` and ``attn2.to_v`` (the HEAD script's definition; the HF demo's
+    filter for this name selects nothing).
+
+**Memory.** There is no second UNet. The original values of the trained subset are kept
+aside and swapped in (pointer swap under ``torch.no_grad``) for the frozen predictions,
+then the trained values are swapped back; the rest of the UNet is shared and never
+changes. The model is handed back exactly as it came: the trained values are returned as
+weight deltas in an :class:`~erasekit.Erasure`, relative to the weights at the start (if
+erasures are already applied to the model, they are part of the frozen teacher and the
+new deltas go on top of them: apply the result after them).
+
+**Precision.** ``mixed_precision="bf16"`` or ``"fp16"`` runs the UNet under CUDA autocast
+with float32 master weights for the trained subset (fp16 adds a gradient scaler); on a CPU
+it is ignored with a warning. A model loaded in float16/bfloat16 trains its subset in
+float32 under autocast in its own dtype.
+
+**Checkpoints.** With ``checkpoint_dir`` set, every ``checkpoint_every`` iterations
+``esd-<iteration>.safetensors`` (the trained subset and Adam's state as flat tensors) and
+``esd-<iteration>.json`` (iteration, RNG state, losses, config) are written there, and the
+previous pair is deleted. ``resume=True`` continues from the newest complete pair and gives
+the same weights as an uninterrupted run with the same seed (on the CPU; CUDA kernels may
+differ in the last bits). Nothing is pickled.
+
+Presets (``PRESETS``):
+
+``paper``
+    the paper / CompVis recipe (the defaults): 1000 iterations, Adam at 1e-5, batch 1,
+    η = 1, start guidance 3, 50-step DDIM, x_t sampled with the trained model, fp32, ESD-x.
+``fast``
+    the official diffusers rewrite (``esd_sd.py``): 200 iterations, Adam at 5e-5, η = 2,
+    x_t sampled with the frozen model, bf16 autocast on a GPU.
+``toy``
+    for the bundled 24x24 toy model: 200 iterations of ESD-x at batch 2, Adam at 3e-4, η = 1,
+    x_t from 10-step DDIM (sampling x_t is most of the cost; 25 steps or batch 4 erased no
+    better). Erases "triangle" (accuracy 100% -> 0%, the other shapes unchanged) in about
+    80 s of CPU time on one core.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from erasekit.erasure import Erasure, parameter_signature
+from erasekit.errors import ErasekitError
+from erasekit.models.handle import Conditioning
+
+PARAMETER_SETS = ("xattn", "noxattn", "full", "selfattn", "xattn-strict")
+PARAMETER_SET_ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full", "esd-x-strict": "xattn-strict"}
+# Top-level UNet modules ESD-u leaves alone: the time embedding(s) and the output layer (CompVis ``time_embed``, ``out.``).
+ESD_U_EXCLUDED = ("time_embedding", "time_emb", "add_embedding", "conv_norm_out", "conv_out")
+SAMPLE_WITH = ("trained", "frozen")
+MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ESDConfig:
+    """ESD settings; the defaults are the paper's / CompVis code's (research notes, section 1.4)."""
+
+    iterations: int = 1000
+    learning_rate: float = 1e-5  # Adam
+    negative_guidance: float = 1.0  # η
+    batch_size: int = 1
+    start_guidance: float = 3.0  # classifier-free guidance while sampling x_t
+    ddim_steps: int = 50  # the DDIM schedule x_t is sampled on (eta 0)
+    resolution: int | None = None  # image side in pixels; None: the model's default (512 for SD 1.x)
+    parameter_set: str = "xattn"  # xattn (ESD-x), noxattn (ESD-u), full, selfattn, xattn-strict; see the module docstring
+    sample_with: str = "trained"  # which model samples x_t: "trained" (paper) or "frozen" (diffusers rewrite)
+    erase_from: str | None = None  # erase the concept from this broader prompt c_f instead of from itself
+    gradient_checkpointing: bool = False
+    mixed_precision: str | None = None  # None, "bf16" or "fp16" (CUDA autocast; ignored on a CPU)
+    checkpoint_every: int = 500  # iterations between checkpoints (only with checkpoint_dir)
+    checkpoint_dir: str | None = None
+    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
+    seed: int = 0
+
+
+CONFIG = ESDConfig
+
+PRESETS = {
+    "paper": {},
+    "fast": {"iterations": 200, "learning_rate": 5e-5, "negative_guidance": 2.0, "sample_with": "frozen", "mixed_precision": "bf16"},
+    "toy": {"iterations": 200, "learning_rate": 3e-4, "batch_size": 2, "ddim_steps": 10},
+}
+
+# Settings a resumed run may change; every other one must match the checkpoint's.
+_RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "checkpoint_dir", "resume")
+_CHECKPOINT_NAME = re.compile(r"^esd-(\d{6,})\.json$")
+
+
+# ---------------------------------------------------------------------------- parameter sets
+def select_parameters(unet: torch.nn.Module, parameter_set: str) -> list[str]:
+    """Names of the UNet parameters that ``parameter_set`` trains (see the module docstring)."""
+    kind = PARAMETER_SET_ALIASES.get(parameter_set, parameter_set)
+    if kind not in PARAMETER_SETS:
+        choices = ", ".join([*PARAMETER_SETS, *PARAMETER_SET_ALIASES])
+        raise ErasekitError(f"unknown ESD parameter_set {parameter_set!r}; choose one of: {choices}")
+    selected = []
+    for name, _ in unet.named_parameters():
+        parts = name.split(".")
+        if kind == "xattn":
+            keep = "attn2" in parts
+        elif kind == "selfattn":
+            keep = "attn1" in parts
+        elif kind == "xattn-strict":
+            keep = any(a == "attn2" and b in ("to_k", "to_v") for a, b in zip(parts, parts[1:]))
+        elif kind == "noxattn":
+            keep = "attn2" not in parts and parts[0] not in ESD_U_EXCLUDED
+        else:  # full
+            keep = True
+        if keep:
+            selected.append(name)
+    if not selected:
+        raise ErasekitError(f"parameter_set {parameter_set!r} selects no parameter of this UNet; try parameter_set=full")
+    return selected
+
+
+# -------------------------------------------------------------------- DDIM index -> DDPM t
+def ddim_timestep_range(index: int, ddim_steps: int, num_train_timesteps: int = 1000) -> tuple[int, int]:
+    """[low, high) of the DDPM timesteps whose noise level the latent has after ``index`` DDIM steps.
+
+    diffusers runs timesteps downwards, so step ``index`` of ``ddim_steps`` owns the
+    ``index``-th slice of [0, T) counted from the top: index 0 (pure noise) gives
+    [T - T/N, T), index N-1 gives [0, T/N). ``scheduler.timesteps[index]`` lies inside.
+    """
+    if not 0 <= index < ddim_steps:
+        raise ErasekitError(f"DDIM index {index} is outside 0..{ddim_steps - 1}")
+    low = num_train_timesteps * (ddim_steps - 1 - index) // ddim_steps
+    high = num_train_timesteps * (ddim_steps - index) // ddim_steps
+    return low, max(high, low + 1)
+
+
+def sample_training_timesteps(index: int, ddim_steps: int, num_train_timesteps: int, batch: int,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """``batch`` DDPM timesteps drawn uniformly from :func:`ddim_timestep_range` (int64, CPU)."""
+    low, high = ddim_timestep_range(index, ddim_steps, num_train_timesteps)
+    return torch.randint(low, high, (batch,), generator=generator)
+
+
+@torch.no_grad()
+def sample_x_t(model, cond: Conditioning, uncond: Conditioning, index: int, noise: torch.Tensor, *,
+               ddim_steps: int, guidance: float, scheduler=None) -> torch.Tensor:
+    """The latent after ``index`` steps of ``ddim_steps``-step DDIM (eta 0) from ``noise``, with CFG ``guidance``.
+
+    It sits at ``scheduler.timesteps[index]``: index 0 returns the noise itself.
+    """
+    return model.sample(
+        cond, uncond=uncond, guidance=guidance, num_inference_steps=ddim_steps,
+        scheduler=scheduler if scheduler is not None else "DDIMScheduler", latents=noise, stop_step=index,
+    )
+
+
+# ------------------------------------------------------------------------------- training
+def _check_config(config: ESDConfig) -> None:
+    if config.iterations < 1 or config.batch_size < 1 or config.ddim_steps < 1:
+        raise ErasekitError("ESD needs iterations, batch_size and ddim_steps of at least 1")
+    if config.learning_rate <= 0:
+        raise ErasekitError(f"learning_rate must be positive, not {config.learning_rate}")
+    if config.sample_with not in SAMPLE_WITH:
+        raise ErasekitError(f"sample_with must be one of {SAMPLE_WITH}, not {config.sample_with!r}")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ErasekitError(f"mixed_precision must be None, 'bf16' or 'fp16', not {config.mixed_precision!r}")
+    if config.checkpoint_dir is not None and config.checkpoint_every < 1:
+        raise ErasekitError("checkpoint_every must be at least 1")
+    if config.resume and config.checkpoint_dir is None:
+        raise ErasekitError("resume=True needs checkpoint_dir: the folder the interrupted run wrote its checkpoints to")
+    if config.erase_from is not None and not config.erase_from.strip():
+        raise ErasekitError("erase_from is empty; pass the broader prompt to erase from, or None")
+    if PARAMETER_SET_ALIASES.get(config.parameter_set, config.parameter_set) not in PARAMETER_SETS:
+        choices = ", ".join([*PARAMETER_SETS, *PARAMETER_SET_ALIASES])
+        raise ErasekitError(f"unknown ESD parameter_set {config.parameter_set!r}; choose one of: {choices}")
+
+
+def _generator_state_text(generator: torch.Generator) -> str:
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def _generator_state_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class ESDTrainer:
+    """One ESD run on a model handle: ``train()``, then ``deltas()``, then always ``close()``.
+
+    Between construction and ``close()`` the UNet holds the trained values of the selected
+    parameters; ``frozen()`` swaps the original values in for the teacher's predictions.
+    :func:`erase` drives it; tests and notebooks can call ``step``/``train_step`` directly.
+    """
+
+    def __init__(self, model, concepts: list[str], config: ESDConfig):
+        _check_config(config)
+        if not concepts:
+            raise ErasekitError("no concept to erase; pass at least one concept")
+        self.model, self.concepts, self.config = model, list(concepts), config
+        self.dtype = model.dtype  # before the trained subset may be upcast
+        self.device = model.device
+        unet = model.unet
+        self.parameter_names = select_parameters(unet, config.parameter_set)
+
+        # precision: float32 master weights for the trained subset, autocast for half precision
+        compute = MIXED_PRECISION[config.mixed_precision]
+        if compute is not None and self.device.type != "cuda":
+            warnings.warn(f"mixed_precision={config.mixed_precision!r} needs a CUDA device; training in {self.dtype} on {self.device.type}")
+            compute = None
+        if compute is None and self.dtype in (torch.float16, torch.bfloat16):
+            compute = self.dtype
+        self.compute_dtype = compute
+        self.scaler = torch.amp.GradScaler("cuda") if compute == torch.float16 and self.device.type == "cuda" else None
+
+        # conditioning, encoded once (before the UNet is touched)
+        self.cond = [model.encode([c]) for c in self.concepts]
+        self.uncond = model.encode([""])
+        self.erase_from = model.encode([config.erase_from]) if config.erase_from else None
+        self.scheduler = model.make_scheduler("DDIMScheduler")
+        self.num_train_timesteps = int(model.scheduler.config.num_train_timesteps)
+        self.latent_shape = model.latent_shape(config.batch_size, config.resolution)
+
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+        self.losses: list[float] = []
+        self.concept_counts = [0] * len(self.concepts)
+
+        # the trained subset: its original tensors are set aside (the frozen teacher), the
+        # parameters get float32 copies; the rest of the UNet is shared by both and never changes
+        parameters = dict(unet.named_parameters())
+        self.parameters = {name: parameters[name] for name in self.parameter_names}
+        self.frozen_values: dict[str, torch.Tensor] = {}
+        self._requires_grad = {name: p.requires_grad for name, p in parameters.items()}
+        self._was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
+        self._closed = False
+        try:
+            unet.requires_grad_(False)
+            with torch.no_grad():
+                for name, parameter in self.parameters.items():
+                    self.frozen_values[name] = parameter.data
+                    parameter.data = parameter.data.to(torch.float32, copy=True)
+                    parameter.requires_grad_(True)
+            if config.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+            self.optimizer = torch.optim.Adam(list(self.parameters.values()), lr=config.learning_rate)
+        except BaseException:
+            self.close()
+            raise
+
+    # --------------------------------------------------------------- the frozen model
+    @contextlib.contextmanager
+    def frozen(self):
+        """Inside, the UNet is the original model θ*: the trained subset's original values are swapped in."""
+        trained = {}
+        with torch.no_grad():
+            for name, parameter in self.parameters.items():
+                trained[name] = parameter.data
+                parameter.data = self.frozen_values[name]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, parameter in self.parameters.items():
+                    parameter.data = trained[name]
+
+    def autocast(self):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    # ------------------------------------------------------------------- one update
+    def target(self, x_t: torch.Tensor, t: torch.Tensor, concept_index: int) -> torch.Tensor:
+        """ε*(x_t, c_f or "") - η (ε*(x_t, c) - ε*(x_t, "")) from the frozen model, without gradients."""
+        batch = x_t.shape[0]
+        conds = [self.cond[concept_index].repeat(batch), self.uncond.repeat(batch)]
+        if self.erase_from is not None:
+            conds.append(self.erase_from.repeat(batch))
+        with torch.no_grad(), self.frozen(), self.autocast():
+            eps = self.model.predict_noise(torch.cat([x_t] * len(conds)), t.repeat(len(conds)), Conditioning.cat(conds))
+            eps = eps.float().chunk(len(conds))
+        eps_concept, eps_empty = eps[0], eps[1]
+        eps_source = eps[2] if self.erase_from is not None else eps_empty
+        return eps_source - self.config.negative_guidance * (eps_concept - eps_empty)
+
+    def train_step(self, x_t: torch.Tensor, t: torch.Tensor, concept_index: int) -> float:
+        """One Adam step on L = || ε_θ(x_t, c or c_f, t) - target ||² (mean squared error); returns L."""
+        t = t.to(self.device)
+        target = self.target(x_t, t, concept_index)
+        trained_cond = self.erase_from if self.erase_from is not None else self.cond[concept_index]
+        with self.autocast():
+            prediction = self.model.predict_noise(x_t, t, trained_cond.repeat(x_t.shape[0]))
+        loss = F.mse_loss(prediction.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def draw(self) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """This iteration's random choices: concept index, DDIM index k, timesteps t and starting noise."""
+        config, generator = self.config, self.generator
+        concept_index = int(torch.randint(len(self.concepts), (1,), generator=generator))
+        index = int(torch.randint(config.ddim_steps, (1,), generator=generator))
+        t = sample_training_timesteps(index, config.ddim_steps, self.num_train_timesteps, config.batch_size, generator)
+        noise = torch.randn(self.latent_shape, generator=generator) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        return concept_index, index, t, noise.to(self.device, self.dtype)
+
+    def step(self) -> float:
+        """One ESD iteration: draw, sample x_t, one update."""
+        config = self.config
+        concept_index, index, t, noise = self.draw()
+        batch = config.batch_size
+        source = self.erase_from if self.erase_from is not None else self.cond[concept_index]
+        sampler = self.frozen() if config.sample_with == "frozen" else contextlib.nullcontext()
+        with torch.no_grad(), sampler, self.autocast():
+            x_t = sample_x_t(
+                self.model, source.repeat(batch), self.uncond.repeat(batch), index, noise,
+                ddim_steps=config.ddim_steps, guidance=config.start_guidance, scheduler=self.scheduler,
+            )
+        loss = self.train_step(x_t.to(self.dtype), t, concept_index)
+        self.iteration += 1
+        self.losses.append(loss)
+        self.concept_counts[concept_index] += 1
+        return loss
+
+    def train(self, progress: bool = True) -> None:
+        """Run (or continue) to ``config.iterations``, checkpointing on the way if asked."""
+        config = self.config
+        if config.resume:
+            self.load_checkpoint()
+        bar = tqdm(
+            total=config.iterations, initial=min(self.iteration, config.iterations),
+            desc=f"ESD {', '.join(self.concepts)}", disable=not progress,
+        )
+        with bar:
+            while self.iteration < config.iterations:
+                loss = self.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if config.checkpoint_dir is not None and self.iteration % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+
+    # ------------------------------------------------------------------- the result
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Trained minus original value of every trained parameter (float32, CPU)."""
+        return {
+            name: (parameter.detach().float() - self.frozen_values[name].float()).cpu()
+            for name, parameter in self.parameters.items()
+        }
+
+    def close(self) -> None:
+        """Hand the model back exactly as it came (original tensors, flags, checkpointing)."""
+        if self._closed:
+            return
+        self._closed = True
+        unet = self.model.unet
+        with torch.no_grad():
+            for name, value in self.frozen_values.items():
+                self.parameters[name].data = value
+                self.parameters[name].grad = None
+        for name, parameter in unet.named_parameters():
+            parameter.requires_grad_(self._requires_grad.get(name, False))
+        if self.config.gradient_checkpointing and not self._was_checkpointing:
+            unet.disable_gradient_checkpointing()
+        if hasattr(self, "optimizer"):
+            self.optimizer.state.clear()
+
+    def summary(self) -> dict:
+        """What goes into the erasure's ``info``."""
+        window = max(1, len(self.losses) // 50)
+        curve = [round(sum(self.losses[i : i + window]) / len(self.losses[i : i + window]), 6)
+                 for i in range(0, len(self.losses), window)]
+        return {
+            "iterations": self.iteration,
+            "parameter_set": PARAMETER_SET_ALIASES.get(self.config.parameter_set, self.config.parameter_set),
+            "trained_parameters": sum(p.numel() for p in self.parameters.values()),
+            "trained_tensors": len(self.parameters),
+            "loss_curve": curve,
+            "loss_window": window,
+            "concept_counts": dict(zip(self.concepts, self.concept_counts)),
+            "precision": str(self.compute_dtype or self.dtype).replace("torch.", ""),
+            "device": self.device.type,
+            "on_top_of": [e.fingerprint for e, _ in self.model.applied_erasures],
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+    def _base_signature(self) -> dict:
+        names = sorted(self.parameter_names)[:8]
+        return {name: parameter_signature(self.frozen_values[name]) for name in names}
+
+    def _comparable_config(self) -> dict:
+        values = dataclasses.asdict(self.config)
+        return {k: v for k, v in values.items() if k not in _RESUMABLE_CHANGES}
+
+    def save_checkpoint(self) -> Path:
+        """Write esd-<iteration>.safetensors and .json to checkpoint_dir; delete older ones."""
+        folder = Path(self.config.checkpoint_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"esd-{self.iteration:06d}"
+        tensors = {}
+        for name, parameter in self.parameters.items():
+            tensors[f"trained.{name}"] = parameter.detach().cpu().contiguous()
+            state = self.optimizer.state.get(parameter, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    tensors[f"adam.{key}.{name}"] = state[key].detach().cpu().contiguous()
+            if "step" in state:
+                tensors[f"adam.step.{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
+        meta = {
+            "iteration": self.iteration,
+            "generator_state": _generator_state_text(self.generator),
+            "losses": self.losses,
+            "concept_counts": self.concept_counts,
+            "concepts": self.concepts,
+            "config": dataclasses.asdict(self.config),
+            "base_signature": self._base_signature(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        _write_atomic(folder / f"{stem}.safetensors", lambda p: save_file(tensors, p, metadata={"iteration": str(self.iteration)}))
+        _write_atomic(folder / f"{stem}.json", lambda p: p.write_text(json.dumps(meta)))
+        for old in folder.glob("esd-*.*"):
+            match = re.match(r"^esd-(\d{6,})\.(json|safetensors)$", old.name)
+            if match and int(match.group(1)) < self.iteration:
+                old.unlink(missing_ok=True)
+        return folder / f"{stem}.safetensors"
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest esd-<iteration>.json in checkpoint_dir whose .safetensors is there too."""
+        folder = Path(self.config.checkpoint_dir)
+        found = []
+        for path in folder.glob("esd-*.json") if folder.is_dir() else []:
+            match = _CHECKPOINT_NAME.match(path.name)
+            if match and path.with_suffix(".safetensors").is_file():
+                found.append((int(match.group(1)), path))
+        return max(found)[1] if found else None
+
+    def load_checkpoint(self, path: str | Path | None = None) -> bool:
+        """Restore trained values, Adam state, RNG and history; False when there is no checkpoint yet."""
+        path = Path(path) if path is not None else self.latest_checkpoint()
+        if path is None:
+            return False
+        meta = json.loads(path.read_text())
+        if meta["concepts"] != self.concepts:
+            raise ErasekitError(f"the checkpoint in {path.parent} erases {meta['concepts']}, not {self.concepts}; use another checkpoint_dir")
+        saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_CHANGES}
+        current = self._comparable_config()
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed:
+            raise ErasekitError(
+                f"the checkpoint in {path.parent} was made with other settings ({', '.join(changed)}); "
+                "resume with the same settings (only iterations may change) or use another checkpoint_dir"
+            )
+        for name, values in meta["base_signature"].items():
+            if name not in self.frozen_values or not torch.allclose(
+                torch.tensor(parameter_signature(self.frozen_values[name])), torch.tensor(values), rtol=1e-4, atol=1e-5
+            ):
+                raise ErasekitError(f"the checkpoint in {path.parent} was made from other base weights ({name}); load the model it was made from")
+        with safe_open(str(path.with_suffix(".safetensors")), framework="pt") as f:
+            saved_iteration = int((f.metadata() or {}).get("iteration", -1))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if saved_iteration != int(meta["iteration"]):
+            raise ErasekitError(f"{path} and its .safetensors are from different iterations; delete the newer pair and resume again")
+        state = {}
+        with torch.no_grad():
+            for index, (name, parameter) in enumerate(self.parameters.items()):
+                key = f"trained.{name}"
+                if key not in tensors:
+                    raise ErasekitError(f"the checkpoint {path} has no value for {name}; it was made for another parameter_set or model")
+                parameter.data.copy_(tensors[key].to(parameter.device))
+                if f"adam.exp_avg.{name}" in tensors:
+                    state[index] = {
+                        "step": tensors[f"adam.step.{name}"].reshape(()).clone(),
+                        "exp_avg": tensors[f"adam.exp_avg.{name}"],
+                        "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"],
+                    }
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state["state"] = state
+        self.optimizer.load_state_dict(optimizer_state)
+        self.generator.set_state(_generator_state_tensor(meta["generator_state"]))
+        self.iteration = int(meta["iteration"])
+        self.losses = list(meta["losses"])
+        self.concept_counts = list(meta["concept_counts"])
+        if self.scaler is not None and meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
+        return True
+
+
+def erase(model, concepts: list[str], preserve=(), config: ESDConfig | None = None, progress: bool = True) -> Erasure:
+    """Erase ``concepts`` by ESD fine-tuning; returns an :class:`~erasekit.Erasure` of weight deltas.
+
+    Several concepts train in one run, one drawn per iteration. ESD has no preservation
+    term, so ``preserve`` must be empty. The model is returned unchanged.
+    """
+    config = config or ESDConfig()
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    if list(preserve):
+        raise ErasekitError(
+            "ESD has no preserve term (its loss only pushes the erased concept away); drop the preserve prompts, "
+            "or use a method that preserves (uce, rece)"
+        )
+    started = time.time()
+    trainer = ESDTrainer(model, list(concepts), config)
+    try:
+        trainer.train(progress=progress)
+        deltas = trainer.deltas()
+        info = trainer.summary()
+    finally:
+        trainer.close()
+    info["seconds"] = round(time.time() - started, 2)
+    return Erasure.from_deltas(model, "esd", list(concepts), dataclasses.asdict(config), deltas=deltas, info=info)
