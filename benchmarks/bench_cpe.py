@@ -78,8 +78,8 @@ def bench_sd14(full: bool) -> None:
     layers = {n: m for n, m in unet.named_modules() if getattr(m, "is_cross_attention", False)}
     started = time.process_time()
     bank = cpe.KVProjections.from_layers(layers, TOKENS)
-    print(f"SD 1.4 UNet (random): {len(bank.names)} projections; per-layer weights (σ_max) in {time.process_time() - started:.1f} CPU s",
-          flush=True)
+    seconds = time.process_time() - started
+    print(f"SD 1.4 UNet (random): {len(bank.names)} projections; per-layer weights (σ_max) in {seconds:.1f} CPU s", flush=True)
     print("  CPU time per step and per concept:")
 
     generator = torch.Generator().manual_seed(0)
@@ -111,9 +111,10 @@ def bench_sd14(full: bool) -> None:
     for name, preset in [("celebrity", "paper"), ("artist", "artist"), ("explicit", "explicit")]:
         config = erasekit.methods.build_config("cpe", preset)
         later = config.stages - 1
-        adversarial_step = adversarial if config.adversarial_embeddings == 16 else adversarial * config.adversarial_embeddings / 16
+        # steps scale with the number of perturbations; anchor batch and ranks are taken as the celebrity ones
+        adversarial_step = plain + (adversarial - plain) * config.adversarial_embeddings / 16
         attack_step = attack * config.adversarial_embeddings / 16
-        seconds = (config.first_stage_iterations * plain + later * config.iterations * (plain + adversarial_step)
+        seconds = (config.first_stage_iterations * plain + later * config.iterations * adversarial_step
                    + later * config.adversarial_iterations * attack_step)
         print(f"    paper {name} schedule, one concept (extrapolated):       {seconds:7.0f} s")
     if full:

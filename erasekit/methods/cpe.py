@@ -521,7 +521,8 @@ def toy_anchors(concept: str) -> tuple[list[str], list[str]]:
     kind = toy_kind(concept)
     shapes = [n for words in world.SHAPE_NAMES.values() if concept not in words for n in words]
     colours = [c for c in world.COLOR_NAMES if c != concept]
-    styles = [w for key, pair in world.STYLE_WORDS.items() if concept != key and concept not in pair for w in pair if w != "nothing"]
+    styles = [w for key, pair in world.STYLE_WORDS.items() if concept != key and concept not in pair
+              for w in pair if w != "nothing"]
     adjectives = [pair[0] for key, pair in world.STYLE_WORDS.items() if concept != key and concept not in pair]
     if kind == "shape":
         return shapes, colours + styles
@@ -567,7 +568,8 @@ def most_similar(model, concept: str, names: list[str], keep: int) -> list[str]:
     return [names[i] for i in order.tolist()]
 
 
-def anchor_prompts(model, concept: str, preserve: list[str], settings: dict, templates: list[str], config: CPEConfig) -> list[str]:
+def anchor_prompts(model, concept: str, preserve: list[str], settings: dict, templates: list[str],
+                   config: CPEConfig) -> list[str]:
     """The anchor prompts of one concept (see the module docstring); names containing the concept are dropped."""
     lowered = concept.lower()
 
@@ -616,7 +618,10 @@ def erase(model, concepts, preserve=(), config: CPEConfig | None = None, progres
         resag, history = train_concept(bank, targets, neutrals, anchors, config, progress,
                                        description=f"cpe {concept!r} ({index + 1}/{len(concepts)})")
         states.append(resag.state(bank.names))
-        info["concepts"][concept] = {"neutral": neutral, "templates": len(templates), "anchors": len(prompts), "seconds": round(time.perf_counter() - concept_started, 2), **history}
+        info["concepts"][concept] = {
+            "neutral": neutral, "templates": len(templates), "anchors": len(prompts),
+            "seconds": round(time.perf_counter() - concept_started, 2), **history,
+        }
     info["seconds"] = round(time.perf_counter() - started, 2)
     return build_erasure(model, concepts, states, config, info)
 
@@ -648,7 +653,8 @@ class _Attached:
         self.query, self.scaler, self.key = tensors["gate.query"], tensors["gate.scaler"], tensors.get("gate.key")
         rank = next(v for k, v in tensors.items() if k.endswith(".down")).shape[-1]
         self.coefficient = tensors["alpha"] / rank * self.scale  # (C,)
-        self.pairs = {k[: -len(".down")]: (v, tensors[k[: -len(".down")] + ".up"]) for k, v in tensors.items() if k.endswith(".down")}
+        names = [k[: -len(".down")] for k in tensors if k.endswith(".down")]
+        self.pairs = {name: (tensors[f"{name}.down"], tensors[f"{name}.up"]) for name in names}
 
     def residual(self, name: str, z: torch.Tensor) -> torch.Tensor:
         """Σ_c z_c D_c U_c (B, T, out) for projection ``name``; z (C, B, T, d) is zero where c is not routed."""
@@ -730,9 +736,11 @@ class CPEModules:
             for which, linear in (("to_k", attn.to_k), ("to_v", attn.to_v)):
                 pair = entry.pairs.get(f"{path}.{which}")
                 if pair is None or pair[0].shape[1] != linear.in_features or pair[1].shape[2] != linear.out_features:
-                    raise ErasekitError(f"this CPE erasure has no gate fitting {path}.{which}; it was made for another architecture")
+                    raise ErasekitError(
+                        f"this CPE erasure has no gate fitting {path}.{which}; it was made for another architecture")
         if len(entry.pairs) != 2 * len(layers):
-            raise ErasekitError("this CPE erasure has gates for layers the model does not have; it was made for another architecture")
+            raise ErasekitError(
+                "this CPE erasure has gates for layers the model does not have; it was made for another architecture")
         router = _router(layers)
         if router is None:
             router = _Router()
