@@ -4,13 +4,23 @@ Images are written as ``OUT/{case:05d}_{k}.png`` (case: the prompt's index or th
 ``case_number``; k: the sample index), each to a temporary name and then renamed, so an
 interrupted run never leaves a half-written image and a rerun skips finished ones.
 
+Beside the images, ``OUT/metadata.jsonl`` has one line per image (file, case, sample, prompt,
+seed, guidance); ``erasekit evaluate`` reads the prompts from it.
+
 Under ``accelerate launch`` (or any launcher that sets ``RANK``/``WORLD_SIZE``), each
-process takes every WORLD_SIZE-th image, so no image is written twice.
+process takes every WORLD_SIZE-th image, so no image is written twice; process 0 writes the
+metadata, and on GPUs each process uses the GPU of its ``LOCAL_RANK``.
+
+Prompt files: an I2P-style CSV (columns ``prompt`` and optionally ``evaluation_seed``/``sd_seed``/
+``seed``, ``evaluation_guidance``/``sd_guidance_scale``/``guidance``, ``case_number``; other
+columns such as ``categories`` are ignored; names are matched case-insensitively), a text file
+with one prompt a line, or ``toy:SET`` for a toy-world prompt set (all, shapes, held-out, synonyms).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +34,8 @@ from erasekit.models.handle import to_pil
 SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance")
 CASE_COLUMNS = ("case_number", "case", "index")
+METADATA_FILE = "metadata.jsonl"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -48,33 +60,57 @@ def _first(row: dict, columns) -> str | None:
     return None
 
 
+def _read_rows(path: str) -> list[dict]:
+    """Rows with at least a 'prompt' key from a CSV, a text file or a toy prompt set."""
+    if path.startswith("toy:"):
+        from erasekit.toy.evaluate import PROMPT_SETS
+
+        name = path[len("toy:"):]
+        if name not in PROMPT_SETS:
+            raise ErasekitError(f"unknown toy prompt set {name!r}; choose one of {', '.join('toy:' + n for n in PROMPT_SETS)}")
+        return [{"prompt": p.prompt} for p in PROMPT_SETS[name]()]
+    file = Path(path)
+    if not file.is_file():
+        raise ErasekitError(f"prompt file {file} does not exist")
+    if file.suffix.lower() != ".csv":
+        return [{"prompt": line.strip()} for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with file.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not part of a name
+        reader = csv.DictReader(f)
+        names = {name: name.strip().lower() for name in reader.fieldnames or []}
+        if "prompt" not in names.values():
+            raise ErasekitError(f"{file} has no 'prompt' column; the CSV needs prompt (and optionally seed/evaluation_seed, guidance/evaluation_guidance, case_number)")
+        return [{names[k]: (v or "").strip() for k, v in row.items() if k in names} for row in reader]
+
+
 def read_prompts(path: str | None = None, prompts: list[str] | None = None, seed: int = 0,
                  samples_per_prompt: int = 1, guidance: float | None = None) -> list[PromptJob]:
-    """Jobs from a CSV (I2P-style columns understood), a text file (one prompt a line) and/or prompts."""
-    rows: list[dict] = []
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ErasekitError(f"prompt file {file} does not exist")
-        if file.suffix.lower() == ".csv":
-            with file.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or "prompt" not in reader.fieldnames:
-                    raise ErasekitError(f"{file} has no 'prompt' column; the CSV needs prompt (and optionally seed/evaluation_seed, guidance/evaluation_guidance, case_number)")
-                rows = list(reader)
-        else:
-            rows = [{"prompt": line.strip()} for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Jobs from a prompt file (I2P-style CSV, text file or ``toy:SET``) and/or prompts.
+
+    Seeds: a row's own seed column (sample k gets seed + k), else ``seed * 100003 + row index + k``.
+    Rows with an empty prompt are skipped (their case numbers are not reused).
+    """
+    rows: list[dict] = _read_rows(path) if path else []
     rows += [{"prompt": p} for p in prompts or []]
-    if not rows:
+    if not any(row["prompt"] for row in rows):
         raise ErasekitError("no prompts; pass --prompt TEXT or --prompts FILE")
     jobs = []
+    cases: set[int] = set()
     for index, row in enumerate(rows):
-        case = int(float(_first(row, CASE_COLUMNS) or index))
-        row_seed = _first(row, SEED_COLUMNS)
-        row_guidance = _first(row, GUIDANCE_COLUMNS)
-        for k in range(samples_per_prompt):
+        if not row["prompt"]:
+            continue
+        try:
+            case = int(float(_first(row, CASE_COLUMNS) or index))
+            row_seed = _first(row, SEED_COLUMNS)
+            row_guidance = _first(row, GUIDANCE_COLUMNS)
             base = int(float(row_seed)) if row_seed is not None else seed * 100_003 + index
-            jobs.append(PromptJob(case, k, row["prompt"], base + k, float(row_guidance) if row_guidance else guidance))
+            row_guidance = float(row_guidance) if row_guidance is not None else guidance
+        except ValueError as error:
+            raise ErasekitError(f"prompt row {index + 1}: a case, seed or guidance value is not a number ({error}); fix that cell") from error
+        if case in cases:
+            raise ErasekitError(f"prompt row {index + 1}: case number {case} appears twice, so two prompts would write one image; make case_number unique")
+        cases.add(case)
+        for k in range(samples_per_prompt):
+            jobs.append(PromptJob(case, k, row["prompt"], base + k, row_guidance))
     return jobs
 
 
@@ -85,12 +121,66 @@ def shard(jobs: list, rank: int | None = None, world_size: int | None = None) ->
     return jobs[rank::world_size]
 
 
+def process_device(device: str | None) -> str | None:
+    """Under a multi-process launch, ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device == "cuda" and local_rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return f"cuda:{int(local_rank)}"
+    return device
+
+
+def write_metadata(jobs: list[PromptJob], out: str | Path) -> Path:
+    """Write (or extend) ``OUT/metadata.jsonl``, one line per image, atomically."""
+    path = Path(out) / METADATA_FILE
+    entries = {entry["file"]: entry for entry in read_metadata(out)} if path.exists() else {}
+    for job in jobs:
+        entries[job.filename] = {"file": job.filename, "case": job.case, "sample": job.sample, "prompt": job.prompt,
+                                 "seed": job.seed, "guidance": job.guidance}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(entries[name]) + "\n" for name in sorted(entries)), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(folder: str | Path) -> list[dict]:
+    """The entries of ``FOLDER/metadata.jsonl`` (what ``erasekit generate`` wrote)."""
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise ErasekitError(f"{folder} has no {METADATA_FILE}, so its prompts are unknown; make the folder with erasekit generate")
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise ErasekitError(f"{path} is not valid JSON lines ({error}); regenerate it with erasekit generate") from error
+
+
+def load_image_folder(folder: str | Path) -> list[tuple[str, torch.Tensor]]:
+    """(file name, image (3, H, W) float in [0, 1]) for every image in a folder, sorted by name."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ErasekitError(f"image folder {folder} does not exist; pass a folder written by erasekit generate")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise ErasekitError(f"{folder} has no images (.png, .jpg, .webp); generate some with erasekit generate")
+    images = []
+    for file in files:
+        with Image.open(file) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        images.append((file.name, torch.from_numpy(array).permute(2, 0, 1).contiguous()))
+    return images
+
+
 @torch.no_grad()
 def generate_to_folder(model, jobs: list[PromptJob], out: str | Path, batch_size: int = 8, steps: int | None = None,
                        progress: bool = True, rank: int | None = None, world_size: int | None = None) -> int:
     """Generate every missing image of this process's shard; returns how many were written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    if rank == 0:
+        write_metadata(jobs, out)
     mine = [job for job in shard(jobs, rank, world_size) if not (out / job.filename).exists()]
     written = 0
     # batch jobs that share a guidance scale
