@@ -54,9 +54,10 @@ def cmd_erase(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from erasekit.eval.generate import generate_to_folder, read_prompts
+    from erasekit.eval.generate import generate_to_folder, process_device, read_prompts
 
     prompts = read_prompts(args.prompts, args.prompt, seed=args.seed, samples_per_prompt=args.samples_per_prompt, guidance=args.guidance)
+    args.device = process_device(args.device)  # under accelerate launch: this process's GPU
     model = _load(args)
     written = generate_to_folder(model, prompts, args.out, batch_size=args.batch_size, steps=args.steps)
     print(f"{written} new images in {args.out} ({len(prompts)} requested)")
@@ -99,11 +100,81 @@ def cmd_toy_train_classifier(args) -> None:
     print(f"classifier written to {args.out}; accuracy on fresh images: {accuracy_on_fresh_images(model)}")
 
 
-def cmd_not_yet(name: str, issue: str):
-    def run(args) -> None:
-        raise ErasekitError(f"'erasekit {name}' is not implemented in this version yet ({issue}); see the README for what works today")
+def cmd_evaluate(args) -> None:
+    from erasekit.eval.protocols import describe_protocols, get_protocol
+    from erasekit.toy.evaluate import write_json
 
-    return run
+    if args.list or args.protocol in (None, "list"):
+        print("\n".join(describe_protocols()))
+        return
+    protocol = get_protocol(args.protocol)
+    if protocol.name == "toy":
+        from erasekit.eval.toy import evaluate_toy_protocol, toy_summary_lines
+
+        if not args.concept:
+            raise ErasekitError("the toy protocol needs the erased concept(s); pass --concept triangle (repeat for several)")
+        model = _load(args)
+        result = evaluate_toy_protocol(model, args.concept, progress=True)
+        lines = toy_summary_lines(result)
+    else:
+        if not args.images:
+            raise ErasekitError(f"protocol {protocol.name} scores a folder of images; pass --images DIR (made by erasekit generate)")
+        if not args.json:
+            raise ErasekitError(f"protocol {protocol.name} writes its result as JSON; pass --json OUT.json")
+        device = args.device or "cpu"
+        if protocol.name.startswith("nudenet"):
+            from erasekit.eval.nudenet import evaluate_nudenet_folder
+
+            result = evaluate_nudenet_folder(args.images, protocol.name)
+            lines = [f"{protocol.name} v{protocol.version}: {result['nude_images']}/{result['images']} images nude ({result['nudity_rate']:.1%})"]
+        elif protocol.name == "clip-score":
+            from erasekit.eval.clip_score import evaluate_clip_folder
+
+            result = evaluate_clip_folder(args.images, args.clip, device=device)
+            lines = [f"clip-score v{protocol.version}: {result['clip_score']:.2f} over {result['images']} images ({result['clip_backbone']})"]
+        else:
+            from erasekit.eval.fid import evaluate_fid_folder
+
+            result = evaluate_fid_folder(args.images, args.reference, args.inception, device=device)
+            lines = [f"fid v{protocol.version}: {result['fid']:.2f} ({result['images']} images vs {result['reference']})"]
+    print("\n".join(lines))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
+def cmd_attack(args) -> None:
+    from erasekit.attacks import make_attack, run_attack
+    from erasekit.erasure import Erasure
+    from erasekit.models.loading import load_model
+
+    budget = {}
+    for pair in [pair for group in args.budget or [] for pair in group]:
+        if "=" not in pair:
+            raise ErasekitError(f"--budget {pair!r} is not key=value; write e.g. --budget steps=100 samples=2")
+        key, value = pair.split("=", 1)
+        budget[key.strip()] = value.strip()
+    attack = make_attack(args.attack, budget)  # fail on a bad name or --budget before loading
+    erasures = [Erasure.load(path) for path in args.erasure]
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    for erasure in erasures:
+        erasure.check_base(model, force=args.force)
+    result = run_attack(model, erasures, args.concept, attack=attack, out=args.out, prompts=args.prompts, seed=args.seed, force=args.force)
+    status = "" if result["complete"] else f" (stopped: {result['stopped']}; {result['prompts_done']}/{result['prompts_total']} prompts, rerun to resume)"
+    print(f"attack success rate: {result['success_rate']:.1%} of {result['n']} images{status}")
+    print(f"result: {Path(args.out) / 'result.json'}")
+
+
+def cmd_bench(args) -> None:
+    from erasekit.bench import load_bench_config, run_bench
+    from erasekit.eval.report import write_report
+
+    if args.report_only:
+        print(f"report: {write_report(args.out).resolve()}")
+        return
+    config = load_bench_config(args.config, quick=args.quick)
+    index = run_bench(config, args.out)
+    print(f"report: {index.resolve()}\n        {(index.parent / 'report.md').resolve()}")
 
 
 def cmd_demo(args) -> None:
@@ -141,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images for prompts, skipping images that already exist")
     _model_arguments(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    p.add_argument("--prompts", help="a CSV (prompt column; optional seed, guidance) or a text file, one prompt a line")
+    p.add_argument("--prompts", help="an I2P-style CSV (prompt; optional evaluation_seed/sd_seed/seed, evaluation_guidance/sd_guidance_scale, case_number), a text file (one prompt a line) or toy:SET (all, shapes, held-out, synonyms)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="base seed for prompts without their own")
     p.add_argument("--samples-per-prompt", type=int, default=1)
@@ -150,13 +221,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(run=cmd_generate)
 
-    for name, issue, text in [
-        ("evaluate", "the evaluation issue", "score generated images with a named protocol"),
-        ("attack", "the red-teaming issue", "attack an erased model"),
-        ("bench", "the benchmark issue", "run methods x concepts x attacks on the toy model and write a report"),
-    ]:
-        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        p.set_defaults(run=cmd_not_yet(name, issue))
+    p = sub.add_parser("attack", help="red-team an erasure: run one attack and report its success rate (resumable)")
+    _model_arguments(p, erasures=False)
+    p.add_argument("--erasure", action="append", required=True, help="the erasure .safetensors to attack (repeat for stacked erasures)")
+    p.add_argument("--force", action="store_true", help="attack erasures made for another base model anyway")
+    p.add_argument("--concept", required=True, help="the erased concept the judge looks for (e.g. triangle, nudity)")
+    p.add_argument("--attack", required=True, help="paraphrase, soft-prompt, unlearndiff, ring-a-bell, p4d, closed-form or textual-inversion")
+    p.add_argument("--out", required=True, help="output folder (result.json, grid.png, prompts/); rerunning resumes")
+    p.add_argument("--prompts", default=None, help="a text file (one prompt a line) or a CSV with a prompt column; default on the toy model: the concept's prompts")
+    p.add_argument("--budget", action="append", nargs="+", metavar="KEY=VALUE", help="override the attack's budget/config, e.g. --budget steps=100 prompts=4 samples=2 time_s=600")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_attack)
+
+    p = sub.add_parser("bench", help="run methods x concepts x attacks on the toy model and write a report (resumable)")
+    p.add_argument("--config", default=None, help="a benchmark TOML file (default: the bundled erasekit/data/bench_default.toml)")
+    p.add_argument("--out", default="report", help="output folder: report.md, index.html, results.json, plots, grids, caches")
+    p.add_argument("--quick", action="store_true", help="apply the config's [quick] overrides (a smoke test)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.json without running anything")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("evaluate", help="score an erasure with a named protocol (erasekit evaluate --list shows them)")
+    _model_arguments(p)
+    p.add_argument("--protocol", default=None, help="toy, nudenet, nudenet-0.45, clip-score, fid, or list")
+    p.add_argument("--list", action="store_true", help="print the protocols and their settings")
+    p.add_argument("--concept", action="append", help="toy: the erased concept (repeat for several)")
+    p.add_argument("--images", default=None, help="nudenet/clip-score/fid: a folder written by erasekit generate")
+    p.add_argument("--reference", default=None, help="fid: a folder of reference images or an .npz with mu and sigma")
+    p.add_argument("--clip", default=None, help="clip-score: a local CLIP folder (safetensors), e.g. openai/clip-vit-large-patch14")
+    p.add_argument("--inception", default=None, help="fid: the FID Inception weights as .safetensors (see erasekit.eval.fid)")
+    p.add_argument("--json", default=None, help="write the full result (with the protocol's settings) as JSON here")
+    p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("demo", help="the guided tour on the bundled toy model")
     p.add_argument("--out", default="demo-output", help="where the demo writes its files")

@@ -1,0 +1,479 @@
+"""``erasekit bench``: methods x concepts x attacks on the toy model, written up as a report.
+
+A benchmark is described by a small TOML file (see ``erasekit/data/bench_default.toml``)::
+
+    methods = ["uce", "esd"]
+    concepts = ["triangle", "stripes"]        # toy shapes or styles (or colours)
+    attacks = ["paraphrase", "soft-prompt"]
+    samples_per_prompt = 2
+
+    [attack_budgets.soft-prompt]             # passed to erasekit.attacks.run_attack as budget=
+    steps = 5
+
+    [quick]                                  # overrides used by --quick
+    samples_per_prompt = 1
+
+Every key of the file is a field of :class:`BenchConfig`; an unknown key is an error.
+
+The run writes into ``OUT``::
+
+    erasures/<method>-<concept>.safetensors    the erasures (reused when present)
+    evaluations/<method>-<concept>.json        toy-classifier evaluation + timings ("original" = unerased)
+    attacks/<method>-<concept>/<attack>/       the attack's own folder (result.json, grid, adversarial prompts)
+    attacks/<method>-<concept>/<attack>.json   the attack's result and its cost, as the bench cached it
+    images/<method>-<concept>.png              before/after grids (one row per value of the concept's attribute)
+    results.json, report.md, index.html, plots/   see erasekit.eval.report
+
+Every unit of work (an erasure, an evaluation, an attack) is cached on disk with the settings it
+was computed with (for evaluations and attacks, also a hash of the erasure file): rerunning after
+an interruption skips finished units, and a unit whose settings changed is computed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from erasekit.errors import ErasekitError
+from erasekit.toy import world
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_CONFIG = DATA_DIR / "bench_default.toml"
+DEMO_CONFIG = DATA_DIR / "bench_demo.toml"
+RESULTS_FORMAT = 1
+
+
+@dataclass
+class BenchConfig:
+    """What a benchmark runs. Defaults are small; the shipped TOML files set every field explicitly."""
+
+    methods: list[str] = field(default_factory=lambda: ["uce"])
+    concepts: list[str] = field(default_factory=lambda: ["triangle"])
+    attacks: list[str] = field(default_factory=lambda: ["paraphrase"])
+    name: str = "erasekit benchmark"
+    model: str = "toy"
+    preset: str = "toy"  # the methods' preset
+    # per attack name: the budget dict handed to run_attack (keys such as steps, prompts, samples, time_s)
+    attack_budgets: dict[str, dict] = field(default_factory=dict)
+    attack_original: bool = False  # also attack the unerased model (the attacks' ceiling)
+    erase_seed: int = 0
+    evaluate_seed: int = 0
+    attack_seed: int = 0
+    samples_per_prompt: int = 2  # evaluation images per prompt
+    # evaluation prompts (the toy protocol's settings): naming the concept, per other value of its
+    # attribute (locality), per held-out paraphrase
+    prompts_per_concept: int = 4
+    prompts_per_other_value: int = 2
+    held_out_per_word: int = 2
+    grid_seeds: int = 4  # columns of the before/after grids
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "BenchConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ErasekitError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        for key, value in values.items():
+            expected = typing.get_origin(hints[key]) or hints[key]
+            if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+                raise ErasekitError(f"{source}: {key} = {value!r} should be a {expected.__name__}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, quick: bool = False) -> "BenchConfig":
+        """Read a TOML file; with ``quick``, its ``[quick]`` table overrides the top-level keys."""
+        path = Path(path)
+        if not path.is_file():
+            raise ErasekitError(f"benchmark config {path} does not exist; pass --config FILE (see {DEFAULT_CONFIG.name})")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ErasekitError(f"{path} is not valid TOML ({error}); fix the file") from None
+        overrides = values.pop("quick", {})
+        if quick:
+            budgets = dict(values.get("attack_budgets", {}))
+            for attack, budget in overrides.pop("attack_budgets", {}).items():
+                budgets[attack] = {**budgets.get(attack, {}), **budget}
+            values.update(overrides)
+            if budgets:
+                values["attack_budgets"] = budgets
+        config = cls.from_dict(values, source=str(path))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        from erasekit.methods import METHODS
+
+        if not self.methods or not self.concepts:
+            raise ErasekitError("a benchmark needs at least one method and one concept; set methods = [...] and concepts = [...]")
+        for method in self.methods:
+            if method not in METHODS:
+                raise ErasekitError(f"unknown method {method!r} in the benchmark config; choose from: {', '.join(METHODS)}")
+        if self.model != "toy":
+            raise ErasekitError(f"the benchmark runs on the toy model only (model = {self.model!r}); set model = \"toy\"")
+        for concept in self.concepts:
+            toy_concept(concept)
+        for attack in self.attack_budgets:
+            if attack not in self.attacks:
+                raise ErasekitError(f"attack_budgets has {attack!r}, which is not in attacks = {self.attacks}; add it or remove its budget")
+        if self.attacks:
+            from erasekit.attacks import ATTACKS, make_attack
+
+            for attack in self.attacks:
+                if attack not in ATTACKS:
+                    raise ErasekitError(f"unknown attack {attack!r} in the benchmark config; choose from: {', '.join(ATTACKS)}")
+                try:
+                    make_attack(attack, self.attack_budgets.get(attack))  # fails on a budget key the attack does not have
+                except ErasekitError as error:
+                    raise ErasekitError(f"attack_budgets.{attack}: {error}") from None
+        for key in ("samples_per_prompt", "prompts_per_concept", "prompts_per_other_value", "held_out_per_word", "grid_seeds"):
+            if getattr(self, key) < 1:
+                raise ErasekitError(f"{key} must be at least 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_bench_config(path: str | Path | None = None, quick: bool = False) -> BenchConfig:
+    return BenchConfig.from_toml(path or DEFAULT_CONFIG, quick=quick)
+
+
+# ---------------------------------------------------------------- concepts
+@dataclass(frozen=True)
+class ToyConcept:
+    """A concept of the toy world: the attribute it is a value of, and the words a method erases."""
+
+    name: str  # the world's key: "triangle", "stripes"
+    attribute: str  # "shape", "style" or "color"
+    erase_text: str  # what the method is given: the shape's name, the style's caption adjective ("striped")
+
+
+def toy_concept(text: str) -> ToyConcept:
+    """Resolve a toy shape (any of its training names), style (key or adjective) or colour."""
+    text = text.strip()
+    for shape, names in world.SHAPE_NAMES.items():
+        if text == shape or text in names:
+            return ToyConcept(shape, "shape", names[0])
+    for style, (adjective, noun) in world.STYLE_WORDS.items():
+        if text in (style, adjective) and style != "plain":
+            return ToyConcept(style, "style", adjective)
+    if text in world.COLOR_NAMES:
+        return ToyConcept(text, "color", text)
+    choices = [*world.SHAPES, *[s for s in world.STYLES if s != "plain"], *world.COLOR_NAMES]
+    raise ErasekitError(f"{text!r} is not a toy concept; choose a shape, style or colour: {', '.join(choices)}")
+
+
+# -------------------------------------------------------------- evaluation
+def evaluate_concept(model, concept: ToyConcept, config: BenchConfig, progress: bool = True) -> dict:
+    """The bench's one call into evaluation: the ``toy`` protocol (erasekit.eval.toy) with the
+    config's sample counts and seed. Accuracy on the concept, on the other values of its
+    attribute, on held-out paraphrases, the toy FID, and the protocol record."""
+    from erasekit.eval.protocols import get_protocol
+    from erasekit.eval.toy import evaluate_toy_protocol
+
+    protocol = dataclasses.replace(get_protocol("toy"), samples_per_prompt=config.samples_per_prompt, seed=config.evaluate_seed,
+                                   prompts_per_concept=config.prompts_per_concept,
+                                   prompts_per_other_value=config.prompts_per_other_value, held_out_per_word=config.held_out_per_word)
+    result = evaluate_toy_protocol(model, [concept.name], protocol=protocol, progress=progress)
+    return {
+        "erased_accuracy": result["erased_accuracy"],
+        "other_accuracy": result["other_accuracy"],
+        "held_out_accuracy": result["held_out_accuracy"],
+        "toy_fid": result["toy_fid"],
+        "protocol": result["protocol"],
+        "details": {key: result[key] for key in ("images", "guidance", "steps", "erased", "held_out", "other", "other_by_value") if key in result},
+    }
+
+
+def grid_prompts(concept: ToyConcept) -> list[str]:
+    """One prompt per value of the concept's attribute (the erased one among them), others fixed."""
+    prompts = []
+    for index, value in enumerate(world.ATTRIBUTES[concept.attribute]):
+        if concept.attribute == "shape":
+            prompts.append(world.canonical_prompt(value, world.COLOR_NAMES[index % 6], "plain"))
+        elif concept.attribute == "style":
+            prompts.append(world.canonical_prompt("circle" if concept.name != "circle" else "square", world.COLOR_NAMES[index % 6], value))
+        else:
+            prompts.append(world.canonical_prompt(world.SHAPES[index % 6], value, "plain"))
+    return prompts
+
+
+@torch.no_grad()
+def write_grid(model, prompts: list[str], seeds: list[int], path: Path) -> Path:
+    """A PNG grid, one row per prompt and one column per seed, generated in one batch."""
+    from erasekit.toy.evaluate import image_grid
+
+    images = model.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    image_grid(images, rows=len(prompts), labels=prompts).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------ runner
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn write from an older run: recompute
+
+
+def _file_digest(path: Path) -> str:
+    """A short content hash: cached results name the erasure file they were computed with."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    from erasekit import __version__
+
+    return {"erasekit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+class _Progress:
+    """Numbered stage lines: '[3/17] erase esd / triangle ...' then the time it took."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.start = total, 0, enabled, time.perf_counter()
+
+    def stage(self, text: str) -> None:
+        self.done += 1
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            print(f"[{self.done}/{self.total} {elapsed:6.0f}s] {text}", flush=True)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            print(f"    {text}", flush=True)
+
+
+def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = True) -> Path:
+    """Run the benchmark into ``out`` (resumable) and write the report; returns the path of index.html."""
+    from erasekit.erasure import Erasure
+    from erasekit.eval.report import write_report
+    from erasekit.methods import erase
+    from erasekit.models.loading import load_model
+    from erasekit.toy.evaluate import write_json
+
+    config.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wall_start = time.perf_counter()
+    concepts = [toy_concept(c) for c in config.concepts]
+    run_attack = _attack_runner()
+    attacked = (["original"] if config.attack_original else []) + list(config.methods)
+    n_stages = 1 + len(concepts) * (1 + 2 * len(config.methods)) + len(concepts) * len(attacked) * len(config.attacks) + 1
+    bar = _Progress(n_stages, progress)
+    grid_seeds = list(range(config.grid_seeds))
+
+    bar.stage(f"load the {config.model} model")
+    clock = Stopwatch()
+    torch.manual_seed(config.erase_seed)
+    model = load_model(config.model)
+    load_time = clock.read()
+
+    def evaluate_unit(key: str, concept: ToyConcept, erasure_id: str | None) -> dict:
+        path, image = out / "evaluations" / f"{key}.json", out / "images" / f"{key}.png"
+        settings = {"erasure": erasure_id, "samples_per_prompt": config.samples_per_prompt, "seed": config.evaluate_seed,
+                    "prompts_per_concept": config.prompts_per_concept, "prompts_per_other_value": config.prompts_per_other_value,
+                    "held_out_per_word": config.held_out_per_word, "grid_seeds": grid_seeds}
+        cached = _read_json(path)
+        if cached is not None and cached.get("settings") == settings and image.is_file():
+            bar.note("cached")
+            return cached
+        clock = Stopwatch()
+        metrics = evaluate_concept(model, concept, config, progress=progress)
+        evaluate_time = clock.read()
+        clock = Stopwatch()
+        write_grid(model, grid_prompts(concept), grid_seeds, image)
+        grid_time = clock.read()
+        record = {"key": key, "concept": concept.name, "settings": settings, **metrics, "image": f"images/{key}.png",
+                  "seconds": {"evaluate": evaluate_time[0], "grid": grid_time[0]},
+                  "cpu_seconds": {"evaluate": evaluate_time[1], "grid": grid_time[1]}}
+        write_json(record, path)
+        bar.note(_metrics_line(record))
+        return record
+
+    def erasure_unit(method: str, concept: ToyConcept) -> Erasure:
+        path = out / "erasures" / f"{method}-{concept.name}.safetensors"
+        settings = {"method": method, "concept": concept.erase_text, "preset": config.preset, "seed": config.erase_seed}
+        if path.is_file():
+            erasure = Erasure.load(path)
+            if erasure.info.get("bench_settings") == settings:
+                bar.note(f"reusing {path}")
+                return erasure
+        torch.manual_seed(config.erase_seed)
+        clock = Stopwatch()
+        erasure = erase(model, method, [concept.erase_text], preset=config.preset, progress=progress)
+        erasure.info["seconds"], erasure.info["cpu_seconds"] = clock.read()
+        erasure.info["seed"] = config.erase_seed
+        erasure.info["bench_settings"] = settings
+        erasure.save(path)
+        bar.note(f"{erasure.info['seconds']:.1f}s, {erasure.num_parameters:,} trainable values")
+        return erasure
+
+    def attack_unit(key: str, erasures: list, erasure_id: str | None, concept: ToyConcept, attack: str) -> dict:
+        path, folder = out / "attacks" / key / f"{attack}.json", out / "attacks" / key / attack
+        settings = {"erasure": erasure_id, "budget": config.attack_budgets.get(attack), "seed": config.attack_seed}
+        cached = _read_json(path)
+        if cached is not None and cached.get("settings") == settings:
+            bar.note("cached")
+            return cached
+        marker = folder / "bench-settings.json"
+        if folder.is_dir() and _read_json(marker) != settings:
+            shutil.rmtree(folder)  # made with other settings: the attack's own resume must not pick it up
+        write_json(settings, marker)
+        clock = Stopwatch()
+        try:
+            result = run_attack(model, erasures, concept=concept.name, attack=attack, out=folder,
+                                budget=config.attack_budgets.get(attack), seed=config.attack_seed, progress=progress)
+            record = {"attack": attack, "success_rate": result.get("success_rate"), "n": result.get("n"),
+                      "budget": result.get("budget"), "seed": result.get("seed", config.attack_seed),
+                      "result": f"attacks/{key}/{attack}/result.json"}
+        except ErasekitError as error:  # e.g. an attack that does not support this kind of concept
+            record = {"attack": attack, "success_rate": None, "error": str(error)}
+        record["settings"] = settings
+        record["seconds"], record["cpu_seconds"] = clock.read()
+        write_json(record, path)
+        bar.note(f"success rate {_percent(record['success_rate'])}" if "error" not in record else f"not run: {record['error']}")
+        return record
+
+    rows = []
+    for concept in concepts:
+        bar.stage(f"evaluate the unerased model on {concept.name!r}")
+        baseline = evaluate_unit(f"original-{concept.name}", concept, None)
+        attacks = {}
+        if config.attack_original:
+            for attack in config.attacks:
+                bar.stage(f"attack the unerased model on {concept.name!r} with {attack}")
+                attacks[attack] = attack_unit(f"original-{concept.name}", [], None, concept, attack)
+        rows.append(_row("original", concept, baseline, None, attacks))
+        for method in config.methods:
+            bar.stage(f"erase {concept.name!r} ({concept.erase_text!r}) with {method}")
+            erasure = erasure_unit(method, concept)
+            erasure_id = _file_digest(out / "erasures" / f"{method}-{concept.name}.safetensors")
+            bar.stage(f"evaluate {method} on {concept.name!r}")
+            erasure.apply(model)
+            try:
+                evaluation = evaluate_unit(f"{method}-{concept.name}", concept, erasure_id)
+            finally:
+                erasure.remove(model)
+            attacks = {}
+            for attack in config.attacks:
+                bar.stage(f"attack {method} on {concept.name!r} with {attack}")
+                attacks[attack] = attack_unit(f"{method}-{concept.name}", [erasure], erasure_id, concept, attack)
+            rows.append(_row(method, concept, evaluation, erasure, attacks))
+
+    bar.stage("write the report")
+    results = {
+        "format": RESULTS_FORMAT,
+        "name": config.name,
+        "model": config.model,
+        "config": config.to_dict(),
+        "protocol": next((r["protocol"] for r in rows if r.get("protocol")), None),
+        "seeds": {"erase": config.erase_seed, "evaluate": config.evaluate_seed, "attack": config.attack_seed, "grid": grid_seeds},
+        "versions": _versions(),
+        "methods": list(config.methods),
+        "concepts": [dataclasses.asdict(c) for c in concepts],
+        "attacks": list(config.attacks),
+        "rows": rows,
+        "timings": _timings(rows, load_time, time.perf_counter() - wall_start),
+    }
+    write_json(results, out / "results.json")
+    index = write_report(out)
+    if progress:
+        t = results["timings"]
+        print(f"done: {t['this_run_seconds']:.0f}s in this run; every stage as first measured: "
+              f"{t['seconds']['total']:.0f}s wall, {t['cpu_seconds']['total']:.0f}s CPU")
+    return index
+
+
+def _attack_runner():
+    from erasekit.attacks import run_attack
+
+    return run_attack
+
+
+def _row(method: str, concept: ToyConcept, evaluation: dict, erasure, attacks: dict) -> dict:
+    return {
+        "method": method,
+        "concept": concept.name,
+        "attribute": concept.attribute,
+        "erased_accuracy": evaluation.get("erased_accuracy"),
+        "other_accuracy": evaluation.get("other_accuracy"),
+        "held_out_accuracy": evaluation.get("held_out_accuracy"),
+        "toy_fid": evaluation.get("toy_fid"),
+        "erase_seconds": None if erasure is None else erasure.info.get("seconds"),
+        "erase_cpu_seconds": None if erasure is None else erasure.info.get("cpu_seconds"),
+        "trainable_parameters": 0 if erasure is None else erasure.num_parameters,
+        "attacks": attacks,
+        "image": evaluation.get("image"),
+        "evaluation": f"evaluations/{evaluation.get('key')}.json",
+        "erasure": None if erasure is None else f"erasures/{method}-{concept.name}.safetensors",
+        "seconds": evaluation.get("seconds", {}),
+        "cpu_seconds": evaluation.get("cpu_seconds", {}),
+        "protocol": evaluation.get("protocol"),
+    }
+
+
+def _timings(rows: list[dict], load_time: tuple[float, float], wall_seconds: float) -> dict:
+    """Seconds per stage as measured when each unit was computed (cached units keep their first
+    cost), as wall-clock ``seconds`` and as ``cpu_seconds`` of this process (on a shared machine the
+    CPU time is the fairer measure of what a stage costs)."""
+
+    def per_stage(kind: str, load: float) -> dict:
+        erase_by_method: dict[str, float] = {}
+        attack_by_name: dict[str, float] = {}
+        evaluate = grid = 0.0
+        for row in rows:
+            if row.get(f"erase_{kind}") is not None:
+                erase_by_method[row["method"]] = erase_by_method.get(row["method"], 0.0) + row[f"erase_{kind}"]
+            evaluate += row.get(kind, {}).get("evaluate", 0.0)
+            grid += row.get(kind, {}).get("grid", 0.0)
+            for name, attack in row["attacks"].items():
+                attack_by_name[name] = attack_by_name.get(name, 0.0) + (attack.get(kind) or 0.0)
+        total = load + sum(erase_by_method.values()) + evaluate + grid + sum(attack_by_name.values())
+        return {"load": round(load, 1), "erase": {k: round(v, 1) for k, v in erase_by_method.items()}, "evaluate": round(evaluate, 1),
+                "grids": round(grid, 1), "attacks": {k: round(v, 1) for k, v in attack_by_name.items()}, "total": round(total, 1)}
+
+    return {"seconds": per_stage("seconds", load_time[0]), "cpu_seconds": per_stage("cpu_seconds", load_time[1]),
+            "this_run_seconds": round(wall_seconds, 1)}
+
+
+class Stopwatch:
+    """Wall-clock and process CPU seconds since creation."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return round(time.perf_counter() - self.wall, 2), round(time.process_time() - self.cpu, 2)
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _metrics_line(record: dict) -> str:
+    return (f"concept {_percent(record.get('erased_accuracy'))}, others {_percent(record.get('other_accuracy'))}, "
+            f"held-out {_percent(record.get('held_out_accuracy'))}"
+            + (f", toy FID {record['toy_fid']:.2f}" if record.get("toy_fid") is not None else ""))
+

@@ -1,0 +1,293 @@
+"""erasekit bench: the config, the report writer, a resumable end-to-end run, and the HTML in a real browser."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import erasekit.attacks
+import erasekit.bench
+import erasekit.methods
+from erasekit.bench import DEFAULT_CONFIG, DEMO_CONFIG, BenchConfig, load_bench_config, run_bench, toy_concept
+from erasekit.cli import main
+from erasekit.errors import ErasekitError
+from erasekit.eval.report import ATTACK_BARS, SCATTER, write_report
+
+ALL_ATTACKS = ["paraphrase", "soft-prompt", "ring-a-bell", "p4d", "closed-form", "textual-inversion"]
+ALL_METHODS = ["uce", "rece", "esd", "receler", "cpe"]
+
+
+# ------------------------------------------------------------------ config
+def test_shipped_configs():
+    default = load_bench_config()
+    assert sorted(default.methods) == sorted(ALL_METHODS)
+    assert sorted(default.attacks) == sorted(ALL_ATTACKS) and set(default.attack_budgets) == set(ALL_ATTACKS)
+    assert [toy_concept(c).attribute for c in default.concepts].count("shape") == 2
+    assert [toy_concept(c).attribute for c in default.concepts].count("style") == 1
+    demo = load_bench_config(DEMO_CONFIG)
+    assert sorted(demo.methods) == sorted(ALL_METHODS) and demo.attacks == ["paraphrase", "soft-prompt"]
+    assert len(demo.concepts) == 1 and toy_concept(demo.concepts[0]).attribute == "shape"
+
+
+def test_quick_overrides_merge_into_budgets():
+    full, quick = load_bench_config(DEFAULT_CONFIG), load_bench_config(DEFAULT_CONFIG, quick=True)
+    assert quick.samples_per_prompt < full.samples_per_prompt
+    assert quick.attack_budgets["soft-prompt"]["steps"] < full.attack_budgets["soft-prompt"]["steps"]
+    # keys the [quick] table does not set are kept
+    assert quick.attack_budgets["soft-prompt"]["prompts"] == full.attack_budgets["soft-prompt"]["prompts"]
+    assert quick.attack_budgets["paraphrase"] == full.attack_budgets["paraphrase"]
+
+
+def test_toy_concepts():
+    assert toy_concept("three-sided shape") == toy_concept("triangle")
+    assert toy_concept("triangle").erase_text == "triangle"
+    stripes = toy_concept("striped")
+    assert (stripes.name, stripes.attribute, stripes.erase_text) == ("stripes", "style", "striped")
+    with pytest.raises(ErasekitError, match="not a toy concept"):
+        toy_concept("banana")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("methods = ['uce']\nconcepts = ['triangle']\nsampels_per_prompt = 1\n", "unknown key.*sampels_per_prompt"),
+    ("methods = ['uce']\nconcepts = ['triangle']\nsamples_per_prompt = 'two'\n", "samples_per_prompt.*int"),
+    ("methods = ['magic']\nconcepts = ['triangle']\n", "unknown method 'magic'"),
+    ("methods = ['uce']\nconcepts = ['banana']\n", "not a toy concept"),
+    ("methods = ['uce']\nconcepts = ['triangle']\nattacks = ['magic']\n", "unknown attack 'magic'"),
+    ("methods = ['uce']\nconcepts = ['triangle']\nattacks = []\n[attack_budgets.p4d]\nsteps = 1\n", "attack_budgets has 'p4d'"),
+    ("methods = ['uce']\nconcepts = ['triangle']\nattacks = ['p4d']\n[attack_budgets.p4d]\nstpes = 1\n", "attack_budgets.p4d: unknown budget key 'stpes'"),
+    ("methods = ['uce'\n", "not valid TOML"),
+])
+def test_bad_config_is_one_line_error(tmp_path, capsys, text, message):
+    path = tmp_path / "bench.toml"
+    path.write_text(text)
+    with pytest.raises(ErasekitError, match=message):
+        load_bench_config(path)
+    assert main(["bench", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("erasekit: error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_and_results(tmp_path, capsys):
+    assert main(["bench", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "results.json does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ report
+def _png(path: Path, color) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), color).save(path)
+
+
+def synthetic_results(out: Path) -> dict:
+    """A results.json as run_bench writes it: two methods, a shape and a style, two attacks (one failed)."""
+    rows = []
+    numbers = {("original", "triangle"): (0.9, 0.85, 0.6, 12.5), ("uce", "triangle"): (0.05, 0.8, 0.1, 20.25),
+               ("esd", "triangle"): (0.15, 0.7, 0.3, 31.0), ("original", "stripes"): (0.95, 0.9, 0.7, 12.0),
+               ("uce", "stripes"): (0.35, 0.88, 0.4, 15.5), ("esd", "stripes"): (0.25, 0.6, 0.2, 40.75)}
+    for (method, concept), (erased, other, held, fid) in numbers.items():
+        image = f"images/{method}-{concept}.png"
+        _png(out / image, (200, 50, 50) if method == "original" else (50, 50, 200))
+        attacks = {}
+        if method != "original":
+            attacks = {"paraphrase": {"attack": "paraphrase", "success_rate": held / 2, "n": 8, "budget": {"prompts": 4}, "seed": 0, "seconds": 3.0},
+                       "closed-form": ({"attack": "closed-form", "success_rate": None, "error": "needs to_k/to_v deltas", "seconds": 0.1}
+                                       if method == "esd" else
+                                       {"attack": "closed-form", "success_rate": 0.75, "n": 4, "budget": {}, "seed": 0, "seconds": 2.0})}
+        rows.append({"method": method, "concept": concept, "attribute": "shape" if concept == "triangle" else "style",
+                     "erased_accuracy": erased, "other_accuracy": other, "held_out_accuracy": held, "toy_fid": fid,
+                     "erase_seconds": None if method == "original" else 1.5, "erase_cpu_seconds": None if method == "original" else 1.25,
+                     "trainable_parameters": 0 if method == "original" else 344064, "attacks": attacks, "image": image,
+                     "seconds": {"evaluate": 2.0, "grid": 1.0}, "cpu_seconds": {"evaluate": 1.5, "grid": 0.5}})
+    results = {"format": 1, "name": "synthetic <bench>", "model": "toy", "config": {}, "protocol": {"name": "toy", "version": "1"},
+               "seeds": {"erase": 0, "evaluate": 0, "attack": 0, "grid": [0, 1]},
+               "versions": {"erasekit": "0.1.0", "torch": "x", "diffusers": "y"},
+               "methods": ["uce", "esd"], "concepts": [{"name": "triangle", "attribute": "shape"}, {"name": "stripes", "attribute": "style"}],
+               "attacks": ["paraphrase", "closed-form"], "rows": rows,
+               "timings": {"seconds": {"load": 5, "erase": {"uce": 3.0, "esd": 3.0}, "evaluate": 12, "grids": 6,
+                                       "attacks": {"paraphrase": 12, "closed-form": 4.1}, "total": 45.1},
+                           "cpu_seconds": {"load": 4, "erase": {"uce": 2.5, "esd": 2.5}, "evaluate": 9, "grids": 3,
+                                           "attacks": {"paraphrase": 10, "closed-form": 3}, "total": 34},
+                           "this_run_seconds": 45.1}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results))
+    return results
+
+
+@pytest.fixture
+def synthetic_report(tmp_path) -> Path:
+    out = tmp_path / "report"
+    synthetic_results(out)
+    write_report(out)
+    return out
+
+
+def _markdown_table(markdown: str, title: str) -> list[list[str]]:
+    section = markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|") and "---" not in line]
+
+
+def test_report_tables_plots_and_images(synthetic_report):
+    out = synthetic_report
+    markdown = (out / "report.md").read_text()
+    assert _markdown_table(markdown, "Efficacy") == [["method", "triangle", "stripes"], ["original", "90%", "95%"],
+                                                     ["uce", "5%", "35%"], ["esd", "15%", "25%"]]
+    assert _markdown_table(markdown, "Locality")[2] == ["uce", "80%", "88%"]
+    assert _markdown_table(markdown, "Robustness: triangle") == [
+        ["method", "held-out paraphrases", "paraphrase", "closed-form"], ["original", "60%", "–", "–"],
+        ["uce", "10%", "5%", "75%"], ["esd", "30%", "15%", "n/a [1]"]]
+    assert "[1] closed-form on esd: not run (needs to_k/to_v deltas)" in markdown
+    assert _markdown_table(markdown, "Fidelity")[3] == ["esd", "31.00", "40.75"]
+    assert _markdown_table(markdown, "Cost")[1] == ["uce", "triangle", "1.5", "1.2", "344,064"]
+    for image in ["images/original-triangle.png", "images/uce-stripes.png", "images/esd-triangle.png", SCATTER, ATTACK_BARS]:
+        assert f"]({image})" in markdown
+    for plot in (SCATTER, ATTACK_BARS):
+        with Image.open(out / plot) as picture:
+            assert picture.size[0] > 300 and picture.size[1] > 200
+
+    page = (out / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
+    assert page.count("<table") == 6  # efficacy, locality, robustness x2, fidelity, cost
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) == 6 + 2 and all(not Path(s).is_absolute() and (out / s).is_file() for s in sources)
+    assert "synthetic &lt;bench&gt;" in page  # escaped
+    assert "<td>n/a [1]</td>" in page and "needs to_k/to_v deltas" in page
+
+
+def test_report_is_a_pure_function_of_results(synthetic_report, tmp_path):
+    out = synthetic_report
+    first = {name: (out / name).read_text() for name in ("report.md", "index.html")}
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for name in ("report.md", "index.html"):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "plots")
+    write_report(copy)
+    assert {name: (copy / name).read_text() for name in first} == first
+    assert (copy / SCATTER).is_file() and (copy / ATTACK_BARS).is_file()
+    # a missing image is reported, not linked
+    (copy / "images" / "uce-triangle.png").unlink()
+    write_report(copy)
+    assert "after uce: (image missing)" in (copy / "report.md").read_text()
+    assert 'src="images/uce-triangle.png"' not in (copy / "index.html").read_text()
+
+
+def test_report_only_cli(synthetic_report, capsys):
+    (synthetic_report / "index.html").unlink()
+    assert main(["bench", "--report-only", "--out", str(synthetic_report)]) == 0
+    assert str((synthetic_report / "index.html").resolve()) in capsys.readouterr().out
+    assert (synthetic_report / "index.html").is_file()
+
+
+# ------------------------------------------------------------- end to end
+TINY = dict(methods=["uce"], concepts=["triangle"], attacks=["paraphrase"], attack_budgets={"paraphrase": {"prompts": 1, "samples": 1}},
+            samples_per_prompt=1, prompts_per_concept=1, prompts_per_other_value=1, held_out_per_word=1, grid_seeds=1)
+
+
+def test_bench_end_to_end_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    index = run_bench(BenchConfig(**TINY), out, progress=False)
+    assert index == out / "index.html" and index.is_file() and (out / "report.md").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"]["name"] == "toy" and results["protocol"]["samples_per_prompt"] == 1
+    assert set(results["versions"]) >= {"erasekit", "torch", "diffusers"} and results["seeds"]["evaluate"] == 0
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"original", "uce"}
+    assert rows["uce"]["erased_accuracy"] < rows["original"]["erased_accuracy"]  # UCE's toy preset removes the triangle
+    assert rows["uce"]["toy_fid"] > 0
+    erasure = erasekit.Erasure.load(out / "erasures" / "uce-triangle.safetensors")
+    assert rows["uce"]["trainable_parameters"] == erasure.num_parameters > 0
+    attack = rows["uce"]["attacks"]["paraphrase"]
+    assert attack["n"] == 1 and 0 <= attack["success_rate"] <= 1 and (out / attack["result"]).is_file()
+    assert (out / "images" / "uce-triangle.png").is_file() and (out / "images" / "original-triangle.png").is_file()
+
+    # a rerun recomputes nothing: every unit comes from its cache
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recomputed a cached unit")
+
+    monkeypatch.setattr(erasekit.methods, "erase", forbidden)
+    monkeypatch.setattr(erasekit.bench, "evaluate_concept", forbidden)
+    monkeypatch.setattr(erasekit.bench, "write_grid", forbidden)
+    monkeypatch.setattr(erasekit.attacks, "run_attack", forbidden)
+    run_bench(BenchConfig(**TINY), out, progress=False)
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == results["rows"]
+
+    # a changed budget recomputes that attack only, from scratch (its old per-prompt files are not resumed)
+    calls = []
+    monkeypatch.setattr(erasekit.attacks, "run_attack", lambda *a, **k: calls.append(k) or {"success_rate": 0.5, "n": 2, "budget": {}, "seed": 0})
+    changed = BenchConfig(**{**TINY, "attack_budgets": {"paraphrase": {"prompts": 1, "samples": 2}}})
+    run_bench(changed, out, progress=False)
+    assert [c["attack"] for c in calls] == ["paraphrase"] and calls[0]["budget"] == {"prompts": 1, "samples": 2}
+    assert not (out / "attacks" / "uce-triangle" / "paraphrase" / "result.json").exists()
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["uce"]["attacks"]["paraphrase"]["success_rate"] == 0.5
+    # a lost cache entry recomputes that unit only
+    (out / "attacks" / "uce-triangle" / "paraphrase.json").unlink()
+    run_bench(changed, out, progress=False)
+    assert len(calls) == 2
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path, capsys):
+    from erasekit.demo import run_demo
+
+    index = run_demo(tmp_path / "demo", quick=True)
+    assert index.is_file()
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert {r["method"] for r in results["rows"]} == {"original", *ALL_METHODS}
+    assert str(index.resolve()) in capsys.readouterr().out
+
+
+# -------------------------------------------------------- a real browser
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium; installed with apt-get when absent (the tests run as root), else the test is skipped."""
+    if not Path(CHROMIUM).is_file() and shutil.which("apt-get"):
+        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        for command in (["apt-get", "install", "-y", "chromium"], ["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+            if Path(CHROMIUM).is_file():
+                break
+            try:
+                subprocess.run(command, capture_output=True, timeout=900, env=env)
+            except (OSError, subprocess.TimeoutExpired):
+                break
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("headless Chromium is not installed and 'apt-get install -y chromium' failed; install Debian's chromium to run this test")
+    return CHROMIUM
+
+
+def _chromium(binary: str, *args: str) -> str:
+    command = [binary, "--headless", "--disable-gpu", "--no-sandbox", "--allow-file-access-from-files", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+
+
+def test_html_report_in_headless_chromium(chromium, synthetic_report):
+    out = synthetic_report
+    dom = _chromium(chromium, "--dump-dom", (out / "index.html").resolve().as_uri())
+    assert dom.count("<table") == 6 and dom.count("<img") == 8 and "Robustness: stripes" in dom
+    # every image loads: a copy of the page reports each image's natural width once the page has loaded
+    probe = out / "probe.html"
+    probe.write_text((out / "index.html").read_text().replace("</body>", """<script>
+window.addEventListener("load", () => {
+  const widths = Array.from(document.images, image => image.complete ? image.naturalWidth : 0);
+  document.body.setAttribute("data-widths", widths.join(","));
+});
+</script></body>"""))
+    dom = _chromium(chromium, "--virtual-time-budget=5000", "--dump-dom", probe.resolve().as_uri())
+    widths = [int(w) for w in re.search(r'data-widths="([^"]*)"', dom).group(1).split(",")]
+    assert len(widths) == 8 and all(w > 0 for w in widths), widths
+    screenshot = out / "screenshot.png"
+    _chromium(chromium, f"--screenshot={screenshot}", "--window-size=1200,2000", (out / "index.html").resolve().as_uri())
+    with Image.open(screenshot) as picture:
+        assert picture.size == (1200, 2000) and len(picture.getcolors(1 << 16) or range(300)) > 10  # rendered, not blank
