@@ -135,6 +135,40 @@ def test_last_token_rows_hand_computed(model):
     assert uce.preserve_token_rows(kept, [2, 1], "legacy").shape == (2 * model.max_length, kept.shape[-1])
 
 
+def test_all_tokens_rows_map_every_row_to_the_same_guide_row(model):
+    concept, guide = states(model, "a red triangle on a striped background"), states(model, "")
+    E, G = uce.select_token_rows(concept, guide, 4, 0, "all_tokens")
+    assert torch.equal(E, concept) and torch.equal(G, guide)  # row k -> row k, all 24 of them
+    assert uce.preserve_token_rows(concept[None], [4], "all_tokens").shape == (model.max_length, concept.shape[-1])
+    erasure = uce.erase(model, ["triangle"], config=uce.UCEConfig(token_mode="all_tokens", guide=""))
+    assert erasure.info["erase_rows"] == model.max_length and erasure.info["preserve_rows"] == model.max_length  # "" kept
+    assert erasure.info["preserve_scale"] == 1.0
+
+
+def test_toy_captions_erase_every_caption_naming_the_concept_and_keep_its_siblings():
+    from erasekit.toy import world
+
+    pairs, preserved = uce.toy_caption_prompts(["triangle"], "")
+    captions = [c for c, _ in pairs]
+    assert len(captions) == len(set(captions)) == 124  # 4*36 + 3*6 ... with "triangle" as the only shape word
+    assert all("triangle" in c for c in captions) and all(g == "" for _, g in pairs)
+    assert "a red triangle on a striped background" in captions and "triangle" in captions
+    assert not any("three-sided" in c for c in captions)  # the synonym stays drawable: a measurable failure
+    assert not any("triangle" in p or "three-sided" in p for p in preserved)
+    for shape in ("circle", "square", "star", "cross", "heart"):
+        assert all(p in preserved for p in world.training_captions("shape", shape))
+    # a named guide fills the caption; two erased shapes are not preserved for each other
+    pairs, preserved = uce.toy_caption_prompts(["triangle", "square"], "shape")
+    assert ("a red triangle on a striped background", "a red shape on a striped background") in pairs
+    assert not any("square" in p or "box" in p for p in preserved)
+    # styles: every caption with its adjective or noun, the other styles kept
+    pairs, preserved = uce.toy_caption_prompts(["stripes"], "")
+    assert all(("striped" in c) or ("stripes" in c) for c, _ in pairs)
+    assert any("dotted" in p for p in preserved) and not any("striped" in p for p in preserved)
+    with pytest.raises(ErasekitError, match="toy world"):
+        uce.toy_caption_prompts(["van gogh"], "")
+
+
 def test_erase_row_counts_follow_the_token_mode(model):
     legacy = uce.erase(model, ["red triangle", "circle"])
     assert legacy.info["erase_rows"] == (24 - 2) + (24 - 1)

@@ -38,6 +38,22 @@ Two official token modes (research notes, section 2.2), chosen by ``token_mode``
     One row per prompt: the last word token of the concept, of the guide and of each
     preserved prompt. No implicit "" and ``preserve_scale=None`` means 1.0.
 
+``"all_tokens"`` (erasekit's, for bidirectional text encoders)
+    Every row of the concept prompt maps to the same row of the guide prompt (both padded
+    to the text length), every row of each preserved prompt is kept, "" is always preserved
+    and ``preserve_scale=None`` means 1.0. CLIP's text encoder is causal, so in SD the rows
+    before the concept word do not see it and the legacy slice holds all of its information;
+    the toy model's MiniLM encoder is bidirectional, so "a", "red", "on", ... all carry the
+    shape too, and the legacy slice leaves the concept drawable from them (measured: the
+    triangle still drawn in 38-50% of images).
+
+``toy_captions=True`` (the toy model's preset) expands each concept into every training
+caption that names it (``erasekit.toy.world.training_captions``: 124 for "triangle") and
+adds the other values of its attribute (the five other shapes, or the other styles or
+colours), in their training captions, to the preserved prompts, with a blank guide filling
+no caption. This is the toy analogue of the official ``--add_prompts`` templates plus a
+preserve list, sized to the toy world, and what makes the erasure local there.
+
 Only the weights are edited; a bias (SD has none) cancels out of the residuals and is left alone.
 Edits start from the original weights (``model.original_parameters``) even when other
 erasures are applied, and the returned :class:`~erasekit.Erasure` holds deltas relative to them.
@@ -54,7 +70,7 @@ import torch
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
 
-TOKEN_MODES = ("legacy", "last_token")
+TOKEN_MODES = ("legacy", "last_token", "all_tokens")
 
 # ``--add_prompts`` / ``--expand_prompts`` templates of the official code (research notes, section 2.2a).
 ART_TEMPLATES = ["painting by {concept}", "art by {concept}", "artwork by {concept}", "picture by {concept}", "style of {concept}"]
@@ -79,21 +95,19 @@ class UCEConfig:
     token_mode: str = "legacy"  # "legacy" (2023 code) or "last_token" (2025 rewrite); see the module docstring
     edit_keys: bool = True  # edit to_k as well as to_v
     expand_prompts: list[str] = field(default_factory=list)  # templates such as "painting by {concept}"
+    # toy model only: erase each concept in every training caption that names it and preserve the other
+    # values of its attribute (the other shapes, colours or styles) in theirs; see the module docstring
+    toy_captions: bool = False
 
 
 CONFIG = UCEConfig
 
 PRESETS = {
     "paper": {},
-    # The toy model's MiniLM encoder is bidirectional, so a word's information spreads over every
-    # token; the bare concept's rows are not enough. The toy preset also erases the concept in the
-    # caption forms the toy model was trained on ("a red {concept}", "red {concept}", ...). Measured
-    # on the bundled toy model (triangle, 8 images per shape): triangle 100% -> 0%, held-out
-    # paraphrases 56% -> 0%, but square 88% -> 50% and heart 88% -> 75%. Adding the other shapes
-    # as preserve prompts keeps them intact but leaves the triangle at 38-50% (the legacy mode's
-    # padding rows are shared between prompts under MiniLM). Not yet at the <=10% / within-5-points bar.
-    "toy": {"expand_prompts": ["a {concept}"] + [f"a {c} {{concept}}" for c in ("red", "green", "blue", "yellow", "purple", "orange")]
-            + [f"{c} {{concept}}" for c in ("red", "green", "blue", "yellow", "purple", "orange")]},
+    # The toy model: every training caption that names the concept, all their rows (MiniLM is
+    # bidirectional), towards "", with the other values of its attribute preserved in theirs at
+    # scale 1. Measured numbers are in the README's method table and benchmarks/bench_uce_rece.py.
+    "toy": {"token_mode": "all_tokens", "guide": "", "toy_captions": True, "preserve_scale": 1.0},
     # Artists: towards "art"; the paper also preserves the other 1,733 artists (pass them with preserve=...).
     "artist": {"guide": "art", "preserve_scale": 0.1},
     "object": {"guide": " "},
@@ -256,6 +270,8 @@ def select_token_rows(
         return concept_states[concept_rows], guide_states[guide_rows]
     if token_mode == "last_token":
         return concept_states[concept_last : concept_last + 1], guide_states[guide_last : guide_last + 1]
+    if token_mode == "all_tokens":
+        return concept_states, guide_states
     raise ErasekitError(f"unknown token_mode {token_mode!r}; use one of: {', '.join(TOKEN_MODES)}")
 
 
@@ -264,7 +280,7 @@ def preserve_token_rows(states: torch.Tensor, lasts: list[int], token_mode: str 
     dim = states.shape[-1]
     if len(lasts) == 0:
         return states.new_zeros(0, dim)
-    if token_mode == "legacy":
+    if token_mode in ("legacy", "all_tokens"):
         return states.reshape(-1, dim)
     if token_mode == "last_token":
         return states[torch.arange(len(lasts)), torch.tensor(lasts)]
@@ -272,7 +288,7 @@ def preserve_token_rows(states: torch.Tensor, lasts: list[int], token_mode: str 
 
 
 def resolve_preserve_scale(preserve_scale: float | None, token_mode: str, num_preserved: int) -> float:
-    """``None`` means max(0.1, 1/|P|) in legacy mode (the 2023 code) and 1.0 in last_token mode (2025)."""
+    """``None`` means max(0.1, 1/|P|) in legacy mode (the 2023 code) and 1.0 otherwise."""
     if preserve_scale is not None:
         return float(preserve_scale)
     if token_mode == "legacy":
@@ -335,11 +351,53 @@ def uce_rows_from_states(
     return torch.cat(erase_rows), torch.cat(guide_rows), P
 
 
+def toy_caption_prompts(concepts: list[str], guide: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """``toy_captions``: (concept caption, guide caption) pairs and the preserved captions.
+
+    Each concept (a toy shape name, colour or style word) is erased in every training caption
+    that names it; a blank guide stays blank, a named guide replaces the concept's word in the
+    caption. The other values of each concept's attribute are preserved in their captions,
+    except values that are themselves erased.
+    """
+    from erasekit.toy import world
+
+    named = {}
+    for concept in concepts:
+        try:
+            named[concept] = world.attribute_of(concept)
+        except KeyError:
+            raise ErasekitError(
+                f"toy_captions: {concept!r} is not a shape, colour or style name of the toy world; "
+                "use one of its names (e.g. triangle, red, stripes) or --set toy_captions=false"
+            ) from None
+    erased_values = set(named.values())
+    pairs = []
+    for concept, (attribute, value) in named.items():
+        for caption in world.training_captions(attribute, value, shape_name=concept if attribute == "shape" else None):
+            if not guide.strip():
+                pairs.append((caption, guide))
+                continue
+            guided = caption
+            for word in world.STYLE_WORDS[value] if attribute == "style" else (concept,):
+                guided = guided.replace(word, guide)
+            pairs.append((caption, guided))
+    preserved = []
+    for attribute, value in dict.fromkeys(named.values()):
+        for other in world.ATTRIBUTES[attribute]:
+            if (attribute, other) not in erased_values:
+                preserved += world.training_captions(attribute, other)
+    return pairs, list(dict.fromkeys(preserved))
+
+
 def uce_rows(model, concepts: list[str], preserve: list[str], config: UCEConfig):
     """Encode the prompts and select UCE's rows: (erase rows E, guide rows G, preserve rows P, preserved prompts)."""
     pairs = expand_concepts(concepts, config.guide, config.expand_prompts)
     preserved = list(dict.fromkeys([*preserve, *config.preserve]))
-    if config.token_mode == "legacy" and "" not in preserved:
+    if config.toy_captions:
+        toy_pairs, toy_preserved = toy_caption_prompts(concepts, config.guide)
+        pairs = list(dict.fromkeys(pairs + toy_pairs))
+        preserved = list(dict.fromkeys(preserved + toy_preserved))
+    if config.token_mode in ("legacy", "all_tokens") and "" not in preserved:
         preserved.append("")  # the 2023 code always preserves the empty prompt
     prompts = list(dict.fromkeys([p for pair in pairs for p in pair] + preserved))
     for prompt in prompts:

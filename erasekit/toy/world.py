@@ -119,6 +119,54 @@ def training_caption(scene: Scene, rng: np.random.Generator) -> str:
     return template.format(s=word, c=scene.color, a=adjective, n=noun)
 
 
+def attribute_of(name: str) -> tuple[str, str]:
+    """(attribute, value) that a word or phrase names in the toy world: "three-sided shape" ->
+    ("shape", "triangle"), "striped" -> ("style", "stripes"), "red" -> ("color", "red").
+
+    Raises ``KeyError`` for names the toy world does not know (held-out paraphrases included:
+    they are for attacks, not for training captions).
+    """
+    for shape, names in SHAPE_NAMES.items():
+        if name == shape or name in names:
+            return "shape", shape
+    if name in COLORS:
+        return "color", name
+    for style, words in STYLE_WORDS.items():
+        if name == style or name in words:
+            return "style", style
+    raise KeyError(name)
+
+
+def training_captions(attribute: str, value: str, shape_name: str | None = None) -> list[str]:
+    """Every distinct training caption form that names ``value`` of ``attribute``, in a fixed order.
+
+    Shapes are written with ``shape_name`` (default: every training name of the shape), and
+    the other attributes run over all their values; templates that leave the attribute out
+    are skipped. This is the set of text contexts in which the toy model learned the value,
+    which a closed-form edit needs under a bidirectional text encoder (see ``methods/uce.py``).
+    """
+    if attribute not in ATTRIBUTES or value not in ATTRIBUTES[attribute]:
+        raise KeyError(f"{attribute}={value}")
+    shape_values = [value] if attribute == "shape" else SHAPES
+    color_values = [value] if attribute == "color" else COLOR_NAMES
+    style_values = [value] if attribute == "style" else STYLES
+    groups = [(TRAIN_TEMPLATES_FULL, True, True), (TRAIN_TEMPLATES_NO_STYLE, True, False),
+              (TRAIN_TEMPLATES_NO_COLOR, False, True), (TRAIN_TEMPLATES_SHAPE_ONLY, False, False)]
+    captions: list[str] = []
+    for templates, with_color, with_style in groups:
+        if (attribute == "color" and not with_color) or (attribute == "style" and not with_style):
+            continue
+        for template in templates:
+            for shape in shape_values:
+                names = [shape_name] if (shape_name and attribute == "shape") else SHAPE_NAMES[shape]
+                for word in names:
+                    for color in color_values if with_color else [None]:
+                        for style in style_values if with_style else [None]:
+                            adjective, noun = STYLE_WORDS[style] if style else ("", "")
+                            captions.append(template.format(s=word, c=color or "", a=adjective, n=noun))
+    return list(dict.fromkeys(captions))
+
+
 def _background(style: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """A grey background in float [0, 1], shape (size, size)."""
     base = rng.uniform(0.72, 0.88)
