@@ -11,14 +11,15 @@ One outer iteration is: k DDIM sampling steps with classifier-free guidance (one
 UNet call each, erasers on), the frozen teacher (one batch-2B call that also captures the
 attention maps), T_adv attack steps (forward + backward to the adversarial vectors) and one
 eraser step (forward + backward to the erasers, Adam). k is random (with the released
-code's coupling, min(N, N + 1 - t_enc) for t_enc uniform in 0..N-1), so the parts are
-timed separately and combined with the expected k:
+code's coupling, min(N, N + 1 - t_enc) for t_enc uniform in 0..N-1; with the toy preset's
+"aligned" coupling, t_enc itself), so the parts are timed separately and combined with the expected k:
 
     seconds per iteration = E[k] * sampling step + teacher + T_adv * attack step + eraser step
 
 Wall times on a shared core overstate the cost; the CPU time of this process is printed
 too (what the wall time would be on an idle core). For the toy model a few real
-iterations of the toy preset are timed as well.
+iterations of the toy preset are timed as well. How well the toy preset erases, and how often
+attacks bring the concept back compared with ESD-x: ``benchmarks/bench_robustness.py``.
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_receler.py            # CPU: SD at 64 px (8x8 latents)
     python benchmarks/bench_receler.py --models sd14 --resolution 128 --repeats 2
@@ -132,19 +133,20 @@ def bench(model, concept: str, config, repeats: int, device: str) -> dict:
     return {"parts": parts, "eraser_parameters": eraser_parameters, "mask_layers": mask_layers}
 
 
-def per_iteration(parts: dict, ddim_steps: int, adversarial_steps: int, which: int) -> float:
+def per_iteration(parts: dict, ddim_steps: int, adversarial_steps: int, which: int, coupling: str = "official") -> float:
     """Expected seconds per outer iteration from the parts; ``which`` 0 = wall, 1 = CPU."""
-    return (expected_sampling_steps(ddim_steps) * parts["sampling_step"][which] + parts["teacher"][which]
+    return (expected_sampling_steps(ddim_steps, coupling) * parts["sampling_step"][which] + parts["teacher"][which]
             + adversarial_steps * parts["attack_step"][which] + parts["eraser_step"][which])
 
 
-def report(name: str, result: dict, ddim_steps: int, adversarial_steps: list[int]) -> None:
+def report(name: str, result: dict, ddim_steps: int, adversarial_steps: list[int], coupling: str = "official") -> None:
     parts = result["parts"]
     print(f"{name}: {result['eraser_parameters']:,} eraser values; mask layers {', '.join(result['mask_layers'])}")
     print("  parts (wall / CPU s): " + " | ".join(f"{k} {w:.3f} / {c:.3f}" for k, (w, c) in parts.items()))
     for steps in adversarial_steps:
-        print(f"  {ddim_steps}-step DDIM (E[k] = {expected_sampling_steps(ddim_steps):.2f}), {steps:>2} attack steps: "
-              f"{per_iteration(parts, ddim_steps, steps, 0):.2f} s/iteration wall, {per_iteration(parts, ddim_steps, steps, 1):.2f} s CPU")
+        print(f"  {ddim_steps}-step DDIM, {coupling} coupling (E[k] = {expected_sampling_steps(ddim_steps, coupling):.2f}), "
+              f"{steps:>2} attack steps: {per_iteration(parts, ddim_steps, steps, 0, coupling):.2f} s/iteration wall, "
+              f"{per_iteration(parts, ddim_steps, steps, 1, coupling):.2f} s CPU")
 
 
 def main(argv=None) -> None:
@@ -164,7 +166,7 @@ def main(argv=None) -> None:
         toy = RecelerConfig(**PRESETS["toy"])
         result = bench(model, "triangle", toy, max(args.repeats, 3), args.device)
         report(f"toy-shaped UNet, toy preset (batch {toy.batch_size}, rank {toy.eraser_rank})", result, toy.ddim_steps,
-               [0, toy.adversarial_steps, 50])
+               [0, toy.adversarial_steps, 50], toy.timestep_coupling)
         paper = RecelerConfig()
         result = bench(model, "triangle", paper, max(args.repeats, 3), args.device)
         report("toy-shaped UNet, paper settings (batch 1, rank 128)", result, paper.ddim_steps, [0, 50])
