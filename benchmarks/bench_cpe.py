@@ -1,10 +1,18 @@
 """Time CPE per concept on the toy model and on an SD 1.4-shaped UNet (random weights, random 77 x 768 text states).
 
-    python benchmarks/bench_cpe.py          # the toy preset end to end, SD 1.4 steps timed and extrapolated
-    python benchmarks/bench_cpe.py --full   # also train one SD 1.4 concept with the paper's whole schedule
+    python benchmarks/bench_cpe.py                  # every section below
+    python benchmarks/bench_cpe.py --full           # also train one SD 1.4 concept with the paper's whole schedule
+    python benchmarks/bench_cpe.py --three-shapes --per-shape 8   # only the three-shape comparison with UCE
 
 The toy part runs ``erasekit.erase(model, "cpe", ["triangle"], preset="toy")`` on the trained toy
 model (a toy-shaped UNet with random weights if none is installed), text encoding included.
+
+The three-shape part (trained toy model only) erases triangle, square and star in one erasure,
+with CPE's ``toy`` preset and with UCE's ``toy`` preset, and scores the unerased model and each
+erasure with ``evaluate_toy(model, shape_prompts(per_shape=N), samples_per_prompt=2)`` (seed 0:
+the same starting noise for every model, so the comparison is paired). It prints each shape's
+classifier accuracy, the erased and kept shapes' means and the kept shapes' largest absolute
+deviation from the unerased model.
 
 The SD 1.4 part builds the UNet from Stable Diffusion 1.4's config (16 cross-attention layers,
 32 to_k/to_v projections) and skips the text encoder: ``cpe.train_concept`` takes text states,
@@ -16,7 +24,7 @@ CPU seconds, which stay fair on a core shared with other jobs.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 from dataclasses import replace
 
@@ -122,10 +130,69 @@ def bench_sd14(full: bool) -> None:
         print(f"    paper celebrity schedule, one concept (measured):     {seconds:7.0f} s")
 
 
+THREE_SHAPES = ["triangle", "square", "star"]
+
+
+def bench_three_shapes(per_shape: int) -> None:
+    """Erase THREE_SHAPES at once with CPE and with UCE (toy presets); print per-shape accuracy."""
+    from erasekit.toy import world
+    from erasekit.toy.classifier import load_classifier
+    from erasekit.toy.evaluate import evaluate_toy, shape_prompts
+
+    try:
+        model = erasekit.load_model("toy")
+        classifier = load_classifier()
+    except erasekit.ErasekitError as error:
+        print(f"three shapes: skipped, the trained toy model or classifier is not available ({error})")
+        return
+    prompts = shape_prompts(per_shape=per_shape)
+
+    def shape_accuracy() -> dict[str, float]:
+        result = evaluate_toy(model, prompts, samples_per_prompt=2, seed=0, progress=False, classifier=classifier)
+        return result["by_value"]["shape"]
+
+    print(f"three shapes: erasing {', '.join(THREE_SHAPES)} in one erasure; {per_shape} prompts per shape, "
+          f"2 samples each ({2 * per_shape} images per shape), seed 0", flush=True)
+    accuracy = {"unerased": shape_accuracy()}
+    for method in ("cpe", "uce"):
+        started = time.perf_counter()
+        erasure = erasekit.erase(model, method, THREE_SHAPES, preset="toy", progress=False)
+        seconds = time.perf_counter() - started
+        erasure.apply(model)
+        try:
+            accuracy[method] = shape_accuracy()
+        finally:
+            erasure.remove(model)
+        print(f"  {method.upper()} erased the three shapes in {seconds:.1f} s", flush=True)
+
+    kept = [shape for shape in world.SHAPES if shape not in THREE_SHAPES]
+    columns = list(accuracy)
+    print(f"  {'shape':<20}" + "".join(f"{name.upper() if name != 'unerased' else name:>10}" for name in columns))
+    for shape in THREE_SHAPES + kept:
+        label = f"{shape} ({'erased' if shape in THREE_SHAPES else 'kept'})"
+        print(f"  {label:<20}" + "".join(f"{100 * accuracy[name][shape]:9.1f}%" for name in columns))
+
+    def mean(name: str, shapes: list[str]) -> float:
+        return sum(accuracy[name][shape] for shape in shapes) / len(shapes)
+
+    print(f"  {'erased mean':<20}" + "".join(f"{100 * mean(name, THREE_SHAPES):9.1f}%" for name in columns))
+    print(f"  {'kept mean':<20}" + "".join(f"{100 * mean(name, kept):9.1f}%" for name in columns))
+    deviations = {name: max(abs(accuracy[name][s] - accuracy["unerased"][s]) for s in kept) for name in columns}
+    print(f"  {'kept max |dev|':<20}" + "".join(f"{100 * deviations[name]:8.1f}pt" for name in columns), flush=True)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="also train one SD 1.4 concept with the paper's schedule")
+    parser.add_argument("--three-shapes", action="store_true", help="run only the three-shape comparison with UCE")
+    parser.add_argument("--per-shape", type=int, default=8, help="prompts per shape in the three-shape comparison")
+    args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
-    bench_toy()
-    bench_sd14("--full" in sys.argv)
+    if not args.three_shapes:
+        bench_toy()
+    bench_three_shapes(args.per_shape)
+    if not args.three_shapes:
+        bench_sd14(args.full)
 
 
 if __name__ == "__main__":
