@@ -188,7 +188,7 @@ def test_report_only_cli(synthetic_report, capsys):
 
 # ------------------------------------------------------------- end to end
 TINY = dict(methods=["uce"], concepts=["triangle"], attacks=["paraphrase"], attack_budgets={"paraphrase": {"prompts": 1, "samples": 1}},
-            samples_per_prompt=1, prompts_per_concept=1, prompts_per_other_value=1, held_out_per_word=1, grid_seeds=1)
+            samples_per_prompt=1, prompts_per_concept=3, prompts_per_other_value=1, held_out_per_word=1, grid_seeds=1)
 
 
 def test_bench_end_to_end_and_resume(tmp_path, monkeypatch):

@@ -23,6 +23,11 @@ from erasekit.errors import ErasekitError
 TOY_MARKER = "erasekit_toy.json"
 BUNDLED_TOY_DIR = Path(__file__).resolve().parent.parent / "toy" / "model"
 TOY_MAX_LENGTH = 24
+# Classifier-free guidance for sampling the bundled model. Measured on all 144 shape x colour x style
+# prompts, 2 samples each (``erasekit toy eval``, seed 0, 25 DDIM steps): shape accuracy 93.4% at 2.0,
+# 93.8% at 2.5, 89.6% at 3.0, 67% at 4.0; held-out paraphrases 62.5% at 2.0 and 59.4% at 2.5. Higher
+# guidance over-drives this small pixel-space model (blobby stars, shapes read as triangles).
+TOY_DEFAULT_GUIDANCE = 2.0
 TEXT_DIM = 384
 
 
@@ -101,7 +106,7 @@ def load_toy(folder: Path, device="cpu", dtype=torch.float32):
         text_encoders=[encoder],
         vae=None,
         max_length=info.get("max_length", TOY_MAX_LENGTH),
-        default_guidance=info.get("guidance", 3.0),
+        default_guidance=info.get("guidance", TOY_DEFAULT_GUIDANCE),
         default_steps=info.get("steps", 25),
     )
 
@@ -114,6 +119,6 @@ def write_toy_folder(folder: Path, unet, extra: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     DDIMScheduler(**toy_scheduler_config()).save_pretrained(folder / "scheduler")
-    info = {"text_encoder": "all-MiniLM-L6-v2", "max_length": TOY_MAX_LENGTH, "guidance": 3.0, "steps": 25}
+    info = {"text_encoder": "all-MiniLM-L6-v2", "max_length": TOY_MAX_LENGTH, "guidance": TOY_DEFAULT_GUIDANCE, "steps": 25}
     info.update(extra or {})
     (folder / TOY_MARKER).write_text(json.dumps(info, indent=2))
