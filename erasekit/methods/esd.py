@@ -77,15 +77,17 @@ Presets (``PRESETS``):
     the official diffusers rewrite (``esd_sd.py``): 200 iterations, Adam at 5e-5, η = 2,
     x_t sampled with the frozen model, bf16 autocast on a GPU.
 ``toy``
-    for the bundled 24x24 toy model: 200 iterations of ESD-x at batch 2, Adam at 3e-4, η = 2,
-    x_t from 10-step DDIM (sampling x_t is most of the cost; 25 steps or batch 4 erased no
-    better). With its default seed it erases "triangle" (100% -> 0% on
-    ``shape_prompts(per_shape=4)``, 8 images per shape; no other shape lower than unerased)
-    in about 70 s of CPU time on one core. The result depends on the training seed: seeds 1
-    and 2 leave the triangle at 25% (2 of 8 images) and seed 2 drops the star from 50% to 25%;
-    at seed 1, 300 iterations leave 12.5% but drop the star to 25%, batch 4 leaves 12.5%
-    (128 s), η = 3 leaves 25%. η = 1 (the previous preset) left 25% at
-    seed 0, as did Adam at 6e-4 with η = 1 (all measured on one core, 1 thread).
+    for the bundled 24x24 toy model: 200 iterations of ESD-x at batch 2, Adam at 3e-4, the
+    paper's η = 1, x_t from 10-step DDIM (sampling x_t is most of the cost; 25 steps or batch 4
+    erased no better). About 65 s of CPU time on one core. Measured at the toy model's sampling
+    defaults (guidance 2, 25 steps) on ``shape_prompts(per_shape=8)`` x 2 samples (16 images a
+    shape, paired seeds): with its default seed the triangle falls from 100% to 0% and no other
+    shape loses an image. The locality depends on the training seed: seeds 1 and 2 also erase
+    the triangle to 0% but cost the square 3 of its 16 images (100% -> 81%; seed 2 the star
+    too, 88% -> 75%). Tried and not better: η = 2 (the previous preset, tuned when the toy model
+    sampled at guidance 3) keeps the triangle at 0% but drops square, star and cross by 19-31
+    points; Adam at 2e-4 leaves 19% of triangles at seed 0; ``xattn-strict`` (keys and values
+    only) wrecks square and star (12% each).
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ CONFIG = ESDConfig
 PRESETS = {
     "paper": {},
     "fast": {"iterations": 200, "learning_rate": 5e-5, "negative_guidance": 2.0, "sample_with": "frozen", "mixed_precision": "bf16"},
-    "toy": {"iterations": 200, "learning_rate": 3e-4, "negative_guidance": 2.0, "batch_size": 2, "ddim_steps": 10},
+    "toy": {"iterations": 200, "learning_rate": 3e-4, "negative_guidance": 1.0, "batch_size": 2, "ddim_steps": 10},
 }
 
 # Settings a resumed run may change; every other one must match the checkpoint's.
