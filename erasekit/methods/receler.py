@@ -94,12 +94,13 @@ Presets (``PRESETS``):
     the released coupling puts x_t 200 timesteps away from t, not 40), 5 attack steps of 4
     vectors per eraser step (its text encoder gives 24 token states, not 77; 50 steps would
     be 10x the cost). Kept from the paper: η = 1, start guidance 3, λ = 0.1, τ = 0.1, the
-    latent / 4 maps (6x6). About 150 s of CPU time on one core.
-    Measured (seed 0, one core; unerased in brackets): on ``shape_prompts(per_shape=8)`` x 4
-    samples the triangle falls to 0 % (91 %), circle 75 % (81), cross 91 % (100), heart 100 %
-    (100), square 72 % (75), star 81 % (81): ESD-x's bar (<= 10 %, others within 10 points).
-    On the smaller ``per_shape=4`` x 2 set the triangle keeps 2 images of 8 (25 %; heart
-    87.5 % -> 75 %, the others unchanged); held-out paraphrases 6 % (69 %). Tried and not
+    latent / 4 maps (6x6). About 130 s of CPU time on one core.
+    Measured (seed 0, one core, the toy model's sampling defaults: guidance 2, 25 steps;
+    unerased in brackets): on ``shape_prompts(per_shape=8)`` x 4 samples the triangle falls
+    to 0 % (100 %), circle 100 % (100), cross 97 % (100), heart 97 % (100), square 94 % (100),
+    star 97 % (75): ESD-x's bar (<= 10 %, others within 10 points). On x 2 samples the
+    triangle is at 0 % too, the square at 88 % (100). Measured earlier, when the toy model
+    sampled at guidance 3 (per_shape=4 x 2): held-out paraphrases 6 % (69 %). Tried and not
     better: lr 2e-3 to 6e-3 (6e-3 turned circles into triangles), 300 iterations, the
     released coupling, η = 2, λ = 1 with τ = 0.5 (on the toy's diffuse 6x6 maps τ = 0.1 keeps
     ~92 % of the map inside the mask, τ = 0.5 ~35 %), no attack steps, 16 vectors, batch 4.
