@@ -32,16 +32,8 @@ import torch
 
 import erasekit
 from erasekit.methods import cpe
+from sd14 import DIM, TOKENS, sd14_unet
 
-# Stable Diffusion 1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json)
-SD14_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-TOKENS, DIM = 77, 768
 STEPS = 40  # timed steps of each kind
 
 
@@ -79,10 +71,7 @@ def timed_training(bank, targets, neutrals, anchors, config) -> float:
 
 
 def bench_sd14(full: bool) -> None:
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD14_UNET_CONFIG).eval().requires_grad_(False)
+    unet = sd14_unet()
     layers = {n: m for n, m in unet.named_modules() if getattr(m, "is_cross_attention", False)}
     started = time.process_time()
     bank = cpe.KVProjections.from_layers(layers, TOKENS)

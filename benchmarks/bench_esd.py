@@ -27,17 +27,7 @@ import sys
 import time
 
 import torch
-
-SD14_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
-SD14_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-    set_alpha_to_one=False, steps_offset=1,
-)
+from sd14 import sd14_shaped_model
 
 
 def _available_memory_gib() -> float:
@@ -54,29 +44,11 @@ def _peak_rss_gib() -> float:
 
 def run_one(parameter_set: str, resolution: int, device: str, repeats: int, ddim_steps: int, precision: str | None,
             gradient_checkpointing: bool) -> dict:
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
     from erasekit.methods.esd import ESDConfig, ESDTrainer, select_parameters
-    from erasekit.models.handle import Conditioning, ModelHandle
 
-    class RandomTextSD(ModelHandle):
-        """An SD 1.x handle whose 'text encoder' is random 77x768 states (one fixed draw per prompt)."""
-
-        @property
-        def vae_scale_factor(self) -> int:
-            return 8
-
-        def encode(self, prompts):
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            states = [torch.randn(77, 768, generator=torch.Generator().manual_seed(len(p) * 7919 + sum(map(ord, p))))
-                      for p in prompts]
-            return Conditioning(torch.stack(states).to(self.device, self.dtype))
-
-    torch.manual_seed(0)
     started = time.time()
-    unet = UNet2DConditionModel(**SD14_UNET).to(device).eval().requires_grad_(False)
-    model = RandomTextSD(kind="sd", name="sd14-shaped-random", unet=unet, scheduler=DDIMScheduler(**SD14_SCHEDULER),
-                         tokenizers=[], text_encoders=[])
+    model = sd14_shaped_model(device)
+    unet = model.unet
     build_s = time.time() - started
     n_params = sum(p.numel() for p in unet.parameters())
     n_trained = sum(p.numel() for n, p in unet.named_parameters() if n in set(select_parameters(unet, parameter_set)))

@@ -34,50 +34,13 @@ import time
 from pathlib import Path
 
 import torch
-
-SD14_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
-SD14_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-    set_alpha_to_one=False, steps_offset=1,
-)
+from sd14 import sd14_shaped_model
 
 
 def expected_sampling_steps(ddim_steps: int, coupling: str = "official") -> float:
     from erasekit.methods.receler import coupled_timesteps
 
     return sum(coupled_timesteps(k, ddim_steps, 1000, coupling)[0] for k in range(ddim_steps)) / ddim_steps
-
-
-def sd14_shaped_model(device: str):
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    from erasekit.models.handle import Conditioning, ModelHandle
-
-    class RandomTextSD(ModelHandle):
-        """An SD 1.x handle whose 'text encoder' gives random 77x768 states (one fixed draw per prompt)."""
-
-        @property
-        def vae_scale_factor(self) -> int:
-            return 8
-
-        def encode(self, prompts):
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            states = [torch.randn(77, 768, generator=torch.Generator().manual_seed(len(p) * 7919 + sum(map(ord, p))))
-                      for p in prompts]
-            return Conditioning(torch.stack(states).to(self.device, self.dtype))
-
-        def token_positions(self, prompt, word):
-            return list(range(1, 1 + len(word.split())))  # BOS at 0, one token per word
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD14_UNET).to(device).eval().requires_grad_(False)
-    return RandomTextSD(kind="sd", name="sd14-shaped-random", unet=unet, scheduler=DDIMScheduler(**SD14_SCHEDULER),
-                        tokenizers=[], text_encoders=[])
 
 
 def toy_shaped_model(device: str):

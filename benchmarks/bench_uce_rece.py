@@ -27,39 +27,9 @@ import time
 
 import torch
 
-from erasekit import Erasure, ModelHandle
+from erasekit import Erasure
 from erasekit.methods import rece, uce
-
-# Stable Diffusion 1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json)
-SD14_UNET_CONFIG = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-TOKENS, DIM = 77, 768
-
-
-def sd14_handle() -> ModelHandle:
-    """A ModelHandle around a random SD 1.4 UNet: enough for the to_k/to_v bookkeeping."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD14_UNET_CONFIG).eval().requires_grad_(False)
-    return ModelHandle(kind="sd", name="sd14-random", unet=unet, scheduler=None, tokenizers=[], text_encoders=[])
+from sd14 import DIM, TOKENS, sd14_shaped_model
 
 
 def random_states(count: int, generator: torch.Generator) -> torch.Tensor:
@@ -147,7 +117,7 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     started = time.perf_counter()
-    model = sd14_handle()
+    model = sd14_shaped_model(with_scheduler=False)
     print(f"built the SD 1.4 UNet in {time.perf_counter() - started:.1f} s: {len(model.key_value_projections())} to_k/to_v matrices")
     generator = torch.Generator().manual_seed(0)
     concept, guide, empty = random_states(1, generator), random_states(1, generator)[0], random_states(1, generator)
