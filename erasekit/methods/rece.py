@@ -105,10 +105,11 @@ PRESETS = {
     # The toy model: UCE's toy edit (every training caption of the concept, all rows, towards "", the other
     # shapes kept), then 2 rounds on the adversarial embeddings of every caption, retaining the other values'
     # captions at scale 1 (the paper's 0.1 lets the rounds bring the triangle back: 25% of images; 0.3 too).
-    # Measured against UCE's toy preset (benchmarks/bench_uce_rece.py --toy; guidance 2, shape_prompts(8) x 2
-    # samples, held-out x 2, closed-form attack on 8 prompts x 4): UCE leaves the triangle at 6%, held-out 25%,
-    # closed-form 94%; this preset 25% / 19% / 94%, other shapes intact. Not better: keep_concept_erased
-    # (12% / 19% / 94%, the star 88% -> 75%), 4 rounds with it (19% / 12% / 78%, square and star -19 points),
+    # Measured against UCE's toy preset (benchmarks/bench_uce_rece.py --toy: the toy protocol's prompts x 4
+    # samples, guidance 2; triangle still drawn for its prompts / held-out paraphrases / under the closed-form
+    # attack): unerased 88% / 69% / 94%, UCE 12% / 25% / 94%, this preset 19% / 19% / 81%, the other shapes
+    # intact. On shape_prompts(per_shape=8) x 2 UCE leaves 6% and this preset 25%. Not better there:
+    # keep_concept_erased (12%, the star 88% -> 75%), 4 rounds with it (19%, square and star -19 points),
     # adversarial_from_captions=False, 1 round. Why the closed-form attack barely moves: every round is
     # W' = W⁰ S with S invertible, so the attack's c' ~ S⁻¹ c reproduces the original keys and values up to its
     # λ||c'||² term; 8 rounds raise its relative residual only from 0.09 to 0.17 on the toy model.
