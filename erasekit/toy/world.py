@@ -15,6 +15,7 @@ Everything is deterministic given a seed (numpy ``Generator``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +136,14 @@ def attribute_of(name: str) -> tuple[str, str]:
         if name == style or name in words:
             return "style", style
     raise KeyError(name)
+
+
+def restyle(caption: str, style: str, new_style: str) -> str:
+    """The caption with ``style``'s adjective and noun replaced by ``new_style``'s: "a red box over
+    stripes" -> "a red box over nothing" (stripes -> plain). Only the style words change."""
+    for old, new in zip(STYLE_WORDS[style], STYLE_WORDS[new_style]):
+        caption = re.sub(rf"\b{re.escape(old)}\b", new, caption)
+    return caption
 
 
 def training_captions(attribute: str, value: str, shape_name: str | None = None) -> list[str]:
