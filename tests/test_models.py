@@ -163,6 +163,14 @@ def test_token_positions_covers_every_sub_word_token(sd_model):
     assert sd_model.token_positions("a zebra in the style", "style") == [9]
 
 
+def test_token_positions_skip_the_head_of_a_longer_word(toy_model):
+    # MiniLM's WordPiece: "starfish" is star ##fish, so its first piece is not the word "star"
+    assert toy_model.tokenizer.convert_ids_to_tokens(toy_model.tokenize(["a starfish"])["input_ids"][0][2:4].tolist()) == ["star", "##fish"]
+    assert toy_model.token_positions("a star and a starfish", "star") == [2]
+    with pytest.raises(ErasekitError, match="star"):
+        toy_model.token_positions("a red starfish", "star")
+
+
 @pytest.mark.parametrize("model_fixture", ["sd_model", "sdxl_model", "toy_model"])
 def test_token_positions_absent_word_raises(request, model_fixture):
     model = request.getfixturevalue(model_fixture)

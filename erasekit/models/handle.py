@@ -152,12 +152,23 @@ class ModelHandle:
         if not word_ids:
             raise ErasekitError(f"the word {word!r} has no tokens; pass a non-empty word")
         for start in range(len(ids) - len(word_ids), -1, -1):  # the last occurrence
-            if ids[start : start + len(word_ids)] == word_ids:
-                return list(range(start, start + len(word_ids)))
+            end = start + len(word_ids)
+            if ids[start:end] == word_ids and not self._continues_a_word(ids[end] if end < len(ids) else None):
+                return list(range(start, end))
         raise ErasekitError(
             f"{word!r} is not within the first {self.max_length} tokens of {prompt!r}; "
             "shorten the prompt or pick a word that appears in it"
         )
+
+    def _continues_a_word(self, token_id: int | None) -> bool:
+        """Whether the token glues onto the one before it (WordPiece's "##" pieces: "star ##fish").
+
+        CLIP's BPE marks word ends instead ("star</w>"), so its word tokens never match inside a
+        longer word and nothing continues them.
+        """
+        if token_id is None:
+            return False
+        return self.tokenizer.convert_ids_to_tokens(token_id).startswith("##")
 
     def last_word_index(self, prompt: str) -> int:
         """Index of the prompt's last word token (the BOS/CLS index 0 for an empty prompt).
