@@ -394,7 +394,7 @@ def toy():
         pytest.skip(f"no trained toy model: {error}")
 
 
-def _accuracy_by_value(model, prompts, erasure=None):
+def _evaluate_with(model, prompts, erasure=None):
     from erasekit.toy.evaluate import evaluate_toy
 
     if erasure is not None:
@@ -415,8 +415,8 @@ def test_uce_toy_preset_erases_triangle_and_keeps_the_other_shapes(toy):
     from erasekit.toy.evaluate import shape_prompts
 
     prompts = shape_prompts(per_shape=8)
-    before = _accuracy_by_value(toy, prompts)["by_value"]["shape"]
-    after = _accuracy_by_value(toy, prompts, erasekit.erase(toy, "uce", ["triangle"], preset="toy"))["by_value"]["shape"]
+    before = _evaluate_with(toy, prompts)["by_value"]["shape"]
+    after = _evaluate_with(toy, prompts, erasekit.erase(toy, "uce", ["triangle"], preset="toy"))["by_value"]["shape"]
     assert before["triangle"] >= 0.75, before
     assert after["triangle"] <= 0.10, after
     for shape, accuracy in before.items():
@@ -429,8 +429,8 @@ def test_uce_erasing_a_style_keeps_shape_and_colour(toy):
     from erasekit.toy.evaluate import shape_prompts
 
     prompts = shape_prompts(per_shape=8)
-    before = _accuracy_by_value(toy, prompts)
-    after = _accuracy_by_value(toy, prompts, erasekit.erase(toy, "uce", ["stripes"], preset="toy"))
+    before = _evaluate_with(toy, prompts)
+    after = _evaluate_with(toy, prompts, erasekit.erase(toy, "uce", ["stripes"], preset="toy"))
     for attribute in ("shape", "color"):
         assert after["overall"][attribute] >= before["overall"][attribute] - 0.05, (attribute, before["overall"], after["overall"])
     assert before["by_value"]["style"]["stripes"] >= 0.75 and after["by_value"]["style"]["stripes"] <= 0.25, (
