@@ -138,11 +138,17 @@ def attribute_of(name: str) -> tuple[str, str]:
     raise KeyError(name)
 
 
+def replace_words(caption: str, old: str, new: str) -> str:
+    """``caption`` with every whole-word occurrence of ``old`` replaced by ``new``: "red" in "a red
+    box" but not in "checkered"."""
+    return re.sub(rf"\b{re.escape(old)}\b", new, caption)
+
+
 def restyle(caption: str, style: str, new_style: str) -> str:
     """The caption with ``style``'s adjective and noun replaced by ``new_style``'s: "a red box over
     stripes" -> "a red box over nothing" (stripes -> plain). Only the style words change."""
     for old, new in zip(STYLE_WORDS[style], STYLE_WORDS[new_style]):
-        caption = re.sub(rf"\b{re.escape(old)}\b", new, caption)
+        caption = replace_words(caption, old, new)
     return caption
 
 
