@@ -151,16 +151,30 @@ def test_toy_captions_erase_every_caption_naming_the_concept_and_keep_its_siblin
     pairs, preserved = uce.toy_caption_prompts(["triangle"], "")
     captions = [c for c, _ in pairs]
     assert len(captions) == len(set(captions)) == 124  # 4*36 + 3*6 ... with "triangle" as the only shape word
-    assert all("triangle" in c for c in captions) and all(g == "" for _, g in pairs)
+    assert all("triangle" in c for c in captions)
     assert "a red triangle on a striped background" in captions and "triangle" in captions
     assert not any("three-sided" in c for c in captions)  # the synonym stays drawable: a measurable failure
     assert not any("triangle" in p or "three-sided" in p for p in preserved)
     for shape in ("circle", "square", "star", "cross", "heart"):
         assert all(p in preserved for p in world.training_captions("shape", shape))
-    # a named guide fills the caption; two erased shapes are not preserved for each other
+    # a blank guide: the same caption with a generic shape, the five kept shapes in the triangle's place
+    guides = dict(pairs)
+    assert guides["a red triangle on a striped background"] == tuple(
+        f"a red {shape} on a striped background" for shape in ("circle", "square", "star", "cross", "heart"))
+    assert guides["triangle"] == ("circle", "square", "star", "cross", "heart")
+    assert all(p in preserved for guide in guides.values() for p in guide)  # every generic guide's captions are kept
+    # a named guide fills the caption; two erased shapes are not preserved for each other, nor in a generic guide
     pairs, preserved = uce.toy_caption_prompts(["triangle", "square"], "shape")
     assert ("a red triangle on a striped background", "a red shape on a striped background") in pairs
     assert not any("square" in p or "box" in p for p in preserved)
+    assert dict(uce.toy_caption_prompts(["triangle", "square"], "")[0])["a red triangle"] == (
+        "a red circle", "a red star", "a red cross", "a red heart")
+    # colours: whole words only ("red" is not replaced inside "checkered"); a generic colour keeps the shape
+    pairs, preserved = uce.toy_caption_prompts(["red"], "hue")
+    assert ("a red square on a checkered background", "a hue square on a checkered background") in pairs
+    guides = dict(uce.toy_caption_prompts(["red"], "")[0])
+    assert guides["a red square on a checkered background"][0] == "a green square on a checkered background"
+    assert len(guides["a red square on a checkered background"]) == 5
     # styles: every caption with its adjective or noun, the other styles kept
     # ... and a blank guide sends a style's caption to the same caption on a plain background
     pairs, preserved = uce.toy_caption_prompts(["stripes"], "")
@@ -169,8 +183,20 @@ def test_toy_captions_erase_every_caption_naming_the_concept_and_keep_its_siblin
     assert ("a box, blue, with stripes behind it", "a box, blue, with nothing behind it") in pairs
     assert all(g in preserved for _, g in pairs)  # every guide caption is a plain-style training caption
     assert any("dotted" in p for p in preserved) and not any("striped" in p for p in preserved)
+    # a caption erased for one concept is not preserved for another
+    pairs, preserved = uce.toy_caption_prompts(["triangle", "red"], "")
+    assert "a red circle" in dict(pairs) and "a red circle" not in preserved
     with pytest.raises(ErasekitError, match="toy world"):
         uce.toy_caption_prompts(["van gogh"], "")
+
+
+def test_generic_guides_are_the_mean_of_their_prompts_states(model):
+    states = uce.encode_guides(model, ["a red circle", ("a red circle", "a red square"), ""])
+    circle, square, empty = (model.encode([p]).hidden_states[0] for p in ("a red circle", "a red square", ""))
+    torch.testing.assert_close(states[0], circle)
+    torch.testing.assert_close(states[1], (circle + square) / 2)
+    torch.testing.assert_close(states[2], empty)
+    assert uce.guide_last_word_index(model, ("a red circle", "a red square")) == model.last_word_index("a red circle")
 
 
 def test_erase_row_counts_follow_the_token_mode(model):
@@ -309,6 +335,18 @@ def test_validation_keeps_the_lowest_scoring_round(model):
         assert not torch.allclose(chosen[name], seen[2][name])
 
 
+def test_keep_concept_erased_holds_the_concepts_outputs_where_uce_put_them(model):
+    """keep_concept_erased retains the concept's rows at their current (UCE-erased) outputs in every round."""
+    c = states(model, "triangle")
+    original = uce.key_value_weights(model)
+    uce_deltas = uce.erase(model, ["triangle"], config=rece.RECEConfig().uce_config()).deltas
+    drift = {}
+    for keep in (False, True):
+        erasure = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=3, keep_concept_erased=keep), progress=False)
+        drift[keep] = sum(float((c @ (erasure.deltas[n] - uce_deltas[n]).double().T).norm()) for n in original)
+    assert drift[True] < 0.2 * drift[False], drift
+
+
 def test_rece_without_validation_keeps_the_last_round(model):
     erasure = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=2), progress=False)
     assert erasure.info["chosen_epoch"] == 1 and erasure.info["scores"] is None
@@ -375,6 +413,11 @@ def test_bad_input_raises_a_clear_error(model):
         uce.erase(model, ["triangle"], config=uce.UCEConfig(expand_prompts=["photo of"]))
     with pytest.raises(ErasekitError, match="epochs"):
         rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=-1))
+    diverged = torch.full((4, 4), float("nan"), dtype=torch.float64)  # weights that are no longer finite
+    with pytest.raises(ErasekitError, match="diverged"):
+        rece.adversarial_map_from_grams(diverged, diverged, regular_scale=0.1)
+    with pytest.raises(ErasekitError, match="regular_scale > 0"):
+        rece.adversarial_map_from_grams(torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64), 0.0)
 
 
 def test_sd_and_sdxl_shaped_models(tiny_sd_folder, tiny_sdxl_folder):
@@ -394,29 +437,36 @@ def toy():
         pytest.skip(f"no trained toy model: {error}")
 
 
-def _evaluate_with(model, prompts, erasure=None):
+def _evaluate_with(model, prompts, erasure=None, samples_per_prompt=2):
     from erasekit.toy.evaluate import evaluate_toy
 
     if erasure is not None:
         erasure.apply(model)
     try:
-        return evaluate_toy(model, prompts, samples_per_prompt=2, progress=False)
+        return evaluate_toy(model, prompts, samples_per_prompt=samples_per_prompt, progress=False)
     finally:
         if erasure is not None:
             erasure.remove(model)
 
 
-def test_uce_toy_preset_erases_triangle_and_keeps_the_other_shapes(toy):
-    """UCE's bar: the triangle <= 10% on its own prompts, every other shape within 5 points (paired seeds).
-
-    16 images a shape, so that one image is 6.25 points: erased to "", the prompt draws the unconditional
-    model's random shape, a triangle about one time in six. Measured: triangle 100% -> 6.25%, the other
-    shapes unchanged."""
+@pytest.fixture(scope="module")
+def unerased_shapes(toy):
+    """The unerased toy model on shape_prompts(per_shape=8) x 2 samples (16 images a shape)."""
     from erasekit.toy.evaluate import shape_prompts
 
-    prompts = shape_prompts(per_shape=8)
-    before = _evaluate_with(toy, prompts)["by_value"]["shape"]
-    after = _evaluate_with(toy, prompts, erasekit.erase(toy, "uce", ["triangle"], preset="toy"))["by_value"]["shape"]
+    return _evaluate_with(toy, shape_prompts(per_shape=8))
+
+
+def test_uce_toy_preset_erases_triangle_and_keeps_the_other_shapes(toy, unerased_shapes):
+    """UCE's bar: the triangle <= 10% on its own prompts, every other shape within 5 points (paired seeds).
+
+    16 images a shape, so one image is 6.25 points and the others may not lose one. The slow test below
+    checks the same bar on 64 images a shape. Measured: triangle 100% -> 0%, the other shapes unchanged."""
+    from erasekit.toy.evaluate import shape_prompts
+
+    before = unerased_shapes["by_value"]["shape"]
+    erasure = erasekit.erase(toy, "uce", ["triangle"], preset="toy")
+    after = _evaluate_with(toy, shape_prompts(per_shape=8), erasure)["by_value"]["shape"]
     assert before["triangle"] >= 0.75, before
     assert after["triangle"] <= 0.10, after
     for shape, accuracy in before.items():
@@ -424,14 +474,51 @@ def test_uce_toy_preset_erases_triangle_and_keeps_the_other_shapes(toy):
             assert after[shape] >= accuracy - 0.05, (shape, before, after)
 
 
-def test_uce_erasing_a_style_keeps_shape_and_colour(toy):
-    """Measured: striped prompts 100% -> 0% striped, shape 97.9% -> 94.8%, colour 100% -> 100%."""
+@pytest.mark.parametrize("method, preset", [("uce", "toy"), ("rece", "toy-style")])
+def test_erasing_a_style_keeps_shape_and_colour(toy, unerased_shapes, method, preset):
+    """Measured: striped prompts 100% -> 0% striped; shape 97.9% -> 93.8% (UCE), 94.8% (RECE); colour 100% -> 100%."""
     from erasekit.toy.evaluate import shape_prompts
 
-    prompts = shape_prompts(per_shape=8)
-    before = _evaluate_with(toy, prompts)
-    after = _evaluate_with(toy, prompts, erasekit.erase(toy, "uce", ["stripes"], preset="toy"))
+    assert erasekit.methods.preset_for_kind(method, "toy", "style") == preset
+    before = unerased_shapes
+    after = _evaluate_with(toy, shape_prompts(per_shape=8), erasekit.erase(toy, method, ["stripes"], preset=preset, progress=False))
     for attribute in ("shape", "color"):
         assert after["overall"][attribute] >= before["overall"][attribute] - 0.05, (attribute, before["overall"], after["overall"])
     assert before["by_value"]["style"]["stripes"] >= 0.75 and after["by_value"]["style"]["stripes"] <= 0.25, (
         before["by_value"]["style"], after["by_value"]["style"])
+
+
+@pytest.mark.slow
+def test_rece_toy_preset_erases_the_triangle_and_resists_paraphrases_and_the_closed_form_attack_better_than_uce(toy):
+    """The issue's bar on 64 images a shape (4 samples of 16 prompts), paired seeds, guidance 2:
+
+    UCE and RECE take the triangle to <= 10% with every other shape within 5 points, and RECE draws it
+    less than UCE for its held-out paraphrases (64 images) and under the closed-form attack (its 8 default
+    prompts x 4 = 32 images). Measured at seed 0 (benchmarks/bench_uce_rece.py --toy): triangle
+    unerased / UCE / RECE 91 / 5 / 8%, held-out 67 / 20 / 6%, closed-form attack - / 94 / 69%.
+    Margins: 4 images of each set."""
+    from erasekit.attacks import run_attack
+    from erasekit.toy import world
+    from erasekit.toy.evaluate import held_out_prompts, shape_prompts
+
+    prompt_sets = {"named": shape_prompts(["triangle"], per_shape=16), "held_out": held_out_prompts(["triangle"], per_word=8),
+                   "others": shape_prompts([s for s in world.SHAPES if s != "triangle"], per_shape=16)}
+    results = {}
+    for method in (None, "uce", "rece"):
+        erasures = [erasekit.erase(toy, method, ["triangle"], preset="toy", progress=False)] if method else []
+        rates = {}
+        for name, prompts in prompt_sets.items():
+            rates[name] = _evaluate_with(toy, prompts, erasures[0] if erasures else None, samples_per_prompt=4)["by_value"]["shape"]
+        if erasures:
+            attack = run_attack(toy, erasures, "triangle", attack="closed-form", budget={"samples": 4}, progress=False)
+            rates["closed_form"] = attack["success_rate"]
+            assert attack["n"] == 32
+        results[method or "none"] = rates
+    none, uce_rates, rece_rates = results["none"], results["uce"], results["rece"]
+    assert none["named"]["triangle"] >= 0.75, none
+    for rates in (uce_rates, rece_rates):
+        assert rates["named"]["triangle"] <= 0.10, results
+        for shape, accuracy in none["others"].items():
+            assert rates["others"][shape] >= accuracy - 0.05, (shape, results)
+    assert rece_rates["held_out"]["triangle"] <= uce_rates["held_out"]["triangle"] - 4 / 64, results
+    assert rece_rates["closed_form"] <= uce_rates["closed_form"] - 4 / 32, results
