@@ -434,6 +434,8 @@ def encode_guides(model, guides: list[Guide]) -> torch.Tensor:
     """(guides, tokens, dim) text states: a prompt's own, or the mean of a generic guide's prompts' states.
 
     Each distinct prompt is encoded once (a guide such as "" repeated for every caption costs one encoding).
+    A generic guide's states are averaged row by row, so its prompts should differ only in words of the same
+    token length (the toy world's shape and colour names are one WordPiece token each).
     """
     prompts = list(dict.fromkeys(p for guide in guides for p in guide_prompts(guide)))
     states = encode_states(model, prompts)
