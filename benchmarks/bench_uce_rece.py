@@ -21,21 +21,21 @@ each) and under the closed-form embedding attack (RECE's own, :mod:`erasekit.att
 on its 8 default prompts), each with ``--samples`` images a prompt, and the accuracy on every other
 shape (16 prompts each). "kv" is how much of the triangle's keys and values (relative to a generic
 shape's) the closed-form attack brings back (1 = all). It then erases the striped style with both
-(RECE with its ``toy-style`` preset) and prints shape, colour and style accuracy.
+and prints shape, colour and style accuracy.
 
 Last it prints why no erasure that keeps the other shapes can close the closed-form attack on the
 toy model: restricted to the leading principal directions of the other shapes' caption embeddings
 (which such an erasure must leave nearly in place), the attack still brings back most of the
 triangle's keys and values. RECE lowers the attack's success; in the toy it cannot end it.
 
-Measured (``--toy``, 4 samples; named / held-out / closed-form of 64 / 64 / 32 images; seed 0, then 1):
+Measured (``--toy``, 4 samples; named / held-out / closed-form of 64 / 64 / 32 images; seed 0):
 
-    unerased   91% / 67% / -      91% / 70% / -
-    UCE         5% / 20% / 94%     2% / 20% / 91%     kv 0.94
-    RECE        8% /  6% / 69%     6% /  5% / 75%     kv 0.74
+    unerased   91% / 67% / -
+    UCE         5% / 20% / 94%     kv 0.94
+    RECE        6% / 12% / 81%     kv 0.78
 
-every other shape within 5 points of the unerased model. Striped style erased (100% -> 0%): shape
-97.9% -> 93.8% (UCE), 94.8% (RECE), colour 100% -> 100%. The bound: 25 / 50 / 100 / 200 leading
+every other shape within 3 points of the unerased model. Striped style erased (100% -> 0%): shape
+97.9% -> 93.8% (UCE), 96.9% (RECE), colour 100% -> 100%. The bound: 25 / 50 / 100 / 200 leading
 directions bring back 0.47 / 0.63 / 0.79 / 0.91 of the triangle's keys and values.
 """
 
@@ -124,7 +124,7 @@ def toy_report(samples: int, seed: int) -> None:
     prompts = shape_prompts(per_shape=8)
     before = evaluate_toy(model, prompts, samples_per_prompt=2, seed=seed, progress=False)
     for method in ("uce", "rece"):
-        erasure = erasekit.erase(model, method, ["stripes"], preset=erasekit.methods.preset_for_kind(method, "toy", "style"), progress=False)
+        erasure = erasekit.erase(model, method, ["stripes"], preset="toy", progress=False)
         erasure.apply(model)
         after = evaluate_toy(model, prompts, samples_per_prompt=2, seed=seed, progress=False)
         erasure.remove(model)

@@ -63,7 +63,7 @@ class BenchConfig:
     attacks: list[str] = field(default_factory=lambda: ["paraphrase"])
     name: str = "erasekit benchmark"
     model: str = "toy"
-    preset: str = "toy"  # the methods' preset (or its <preset>-<attribute> variant where a method has one: RECE's toy-style)
+    preset: str = "toy"  # the methods' preset
     # per attack name: the budget dict handed to run_attack (keys such as steps, prompts, samples, time_s)
     attack_budgets: dict[str, dict] = field(default_factory=dict)
     attack_original: bool = False  # also attack the unerased model (the attacks' ceiling)
@@ -269,7 +269,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     """Run the benchmark into ``out`` (resumable) and write the report; returns the path of index.html."""
     from erasekit.erasure import Erasure
     from erasekit.eval.report import write_report
-    from erasekit.methods import erase, preset_for_kind
+    from erasekit.methods import erase
     from erasekit.models.loading import load_model
     from erasekit.toy.evaluate import write_json
 
@@ -314,8 +314,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
 
     def erasure_unit(method: str, concept: ToyConcept) -> Erasure:
         path = out / "erasures" / f"{method}-{concept.name}.safetensors"
-        preset = preset_for_kind(method, config.preset, concept.attribute)
-        settings = {"method": method, "concept": concept.erase_text, "preset": preset, "seed": config.erase_seed}
+        settings = {"method": method, "concept": concept.erase_text, "preset": config.preset, "seed": config.erase_seed}
         if path.is_file():
             erasure = Erasure.load(path)
             if erasure.info.get("bench_settings") == settings:
@@ -323,7 +322,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
                 return erasure
         torch.manual_seed(config.erase_seed)
         clock = Stopwatch()
-        erasure = erase(model, method, [concept.erase_text], preset=preset, progress=progress)
+        erasure = erase(model, method, [concept.erase_text], preset=config.preset, progress=progress)
         erasure.info["seconds"], erasure.info["cpu_seconds"] = clock.read()
         erasure.info["seed"] = config.erase_seed
         erasure.info["bench_settings"] = settings

@@ -4,8 +4,6 @@ Every method module defines
 
 * a ``@dataclass`` config whose defaults are the paper's (e.g. ``UCEConfig``), named in ``CONFIG``;
 * ``PRESETS``: named overrides of that config; every method has at least ``paper`` and ``toy``;
-  a method whose paper tunes by concept type may add ``<preset>-<kind>`` variants (RECE's
-  ``toy-style``), which :func:`preset_for_kind` picks for concepts of that kind;
 * ``erase(model, concepts, preserve=(), config=None, progress=True) -> Erasure``.
 
 This module finds a method by name, builds its config from a preset plus
@@ -72,16 +70,6 @@ def _parse_value(text: str, annotation, key: str):
     except ValueError:
         raise ErasekitError(f"--set {key}={text}: expected {getattr(annotation, '__name__', annotation)}") from None
     return text
-
-
-def preset_for_kind(method: str, preset: str, kind: str) -> str:
-    """``<preset>-<kind>`` where the method has that variant (RECE's ``toy-style`` for a toy style), else ``preset``.
-
-    Papers set some methods per concept type (RECE: nudity, artists, objects); the benchmark erases each
-    concept with the variant for its kind (a toy shape, colour or style) when the method has one.
-    """
-    variant = f"{preset}-{kind}"
-    return variant if variant in get_method(method).PRESETS else preset
 
 
 def build_config(method: str, preset: str | None = None, overrides: dict[str, str] | None = None):
