@@ -143,12 +143,10 @@ def _triangle_and_generic_states(model, concept: str) -> tuple[torch.Tensor, tor
     from erasekit.toy import world
 
     prompts = [world.canonical_prompt(concept, color, style) for color in world.COLOR_NAMES for style in world.STYLES]
-    states = model.encode(prompts).hidden_states.double()
-    generic = torch.stack([
-        model.encode([world.replace_words(p, concept, world.SHAPE_NAMES[other][0]) for p in prompts]).hidden_states.double()
-        for other in world.SHAPES if other != concept
-    ]).mean(0)
-    return states, generic
+    others = [world.SHAPE_NAMES[other][0] for other in world.SHAPES if other != concept]
+    states = uce.encode_states(model, prompts).double()
+    generic = uce.encode_guides(model, [tuple(world.replace_words(p, concept, other) for other in others) for p in prompts])
+    return states, generic.double()
 
 
 def _share_of_direction(gram: torch.Tensor, outputs: torch.Tensor, states: torch.Tensor, generic: torch.Tensor) -> float:

@@ -413,6 +413,8 @@ def test_bad_input_raises_a_clear_error(model):
         uce.erase(model, ["triangle"], config=uce.UCEConfig(expand_prompts=["photo of"]))
     with pytest.raises(ErasekitError, match="epochs"):
         rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=-1))
+    with pytest.raises(ErasekitError, match="shorten"):  # a retain prompt only RECE's rounds encode
+        rece.erase(model, ["triangle"], config=rece.RECEConfig(retain=[" ".join(["circle"] * 30)]), progress=False)
     diverged = torch.full((4, 4), float("nan"), dtype=torch.float64)  # weights that are no longer finite
     with pytest.raises(ErasekitError, match="diverged"):
         rece.adversarial_map_from_grams(diverged, diverged, regular_scale=0.1)

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
 from erasekit.methods.uce import (
-    UCEConfig, encode_guides, float64_device, guide_prompts, key_value_weights, toy_caption_prompts, uce_edit, uce_solve,
+    UCEConfig, encode_guides, float64_device, key_value_weights, toy_caption_prompts, uce_edit, uce_solve,
 )
 from erasekit.models.handle import Conditioning
 
@@ -268,7 +268,8 @@ def rece_rounds(
 
     ``original_weights`` are W⁰ by name; ``start_transform`` is the UCE edit as a d x d matrix
     (``UCESolution.transform()``, W' = W⁰ T_uce); ``concept_states`` (concepts, tokens, dim) is
-    every concept prompt's full embedding, ``guide_states`` (tokens, dim) the guide prompt's and
+    every concept prompt's full embedding, ``guide_states`` (tokens, dim) the guide prompt's, or
+    (concepts, tokens, dim) one guide per concept prompt, and
     ``retain_rows`` (rows, dim) the retain prompts' rows. ``score(deltas)`` scores a round (lower
     is better) and the best round is kept; without it the last one. Returns (deltas from W⁰, info).
     """
@@ -408,8 +409,6 @@ def erase(
     concept_prompts, guides = list(guide_of), list(guide_of.values())
     if config.keep_concept_erased:
         retain = list(dict.fromkeys([*retain, *concept_prompts]))
-    for prompt in dict.fromkeys([*concept_prompts, *(p for g in guides for p in guide_prompts(g)), *retain]):
-        model.check_prompt_fits(prompt)
     count = len(concept_prompts)
     states = encode_guides(model, [*concept_prompts, *guides, *retain])
     concept_states, guide_states = states[:count], states[count : 2 * count]

@@ -433,11 +433,14 @@ def guide_prompts(guide: Guide) -> tuple[str, ...]:
 def encode_guides(model, guides: list[Guide]) -> torch.Tensor:
     """(guides, tokens, dim) text states: a prompt's own, or the mean of a generic guide's prompts' states.
 
-    Each distinct prompt is encoded once (a guide such as "" repeated for every caption costs one encoding).
-    A generic guide's states are averaged row by row, so its prompts should differ only in words of the same
-    token length (the toy world's shape and colour names are one WordPiece token each).
+    Each distinct prompt is checked to fit the text encoder (``model.check_prompt_fits``) and encoded once
+    (a guide such as "" repeated for every caption costs one encoding). A generic guide's states are averaged
+    row by row, so its prompts should differ only in words of the same token length (the toy world's shape
+    and colour names are one WordPiece token each).
     """
     prompts = list(dict.fromkeys(p for guide in guides for p in guide_prompts(guide)))
+    for prompt in prompts:
+        model.check_prompt_fits(prompt)
     states = encode_states(model, prompts)
     index = {prompt: i for i, prompt in enumerate(prompts)}
     return torch.stack([states[[index[p] for p in guide_prompts(guide)]].mean(0) for guide in guides])
@@ -459,8 +462,6 @@ def uce_rows(model, concepts: list[str], preserve: list[str], config: UCEConfig)
         preserved = list(dict.fromkeys(preserved + toy_preserved))
     if config.token_mode in ("legacy", "all_tokens") and "" not in preserved:
         preserved.append("")  # the 2023 code always preserves the empty prompt
-    for prompt in dict.fromkeys([c for c, _ in pairs] + [p for _, g in pairs for p in guide_prompts(g)] + preserved):
-        model.check_prompt_fits(prompt)
     states = encode_guides(model, [c for c, _ in pairs] + [g for _, g in pairs] + preserved)
     count = len(pairs)
     E, G, P = uce_rows_from_states(
