@@ -135,10 +135,10 @@ def main(argv=None) -> None:
         cells = [f"{row[m]['mean']:7.1%}" if row[m]["mean"] is not None else "    n/a" for m in METHODS]
         print(f"{attack:<12} {cells[0]}  {cells[1]}")
     if args.json is not None:
-        from erasekit.toy.evaluate import write_json
+        from erasekit.utils import write_json
 
-        write_json({"seeds": args.seeds, "prompts": args.prompts, "samples": args.samples, "budgets": budgets,
-                    "erasures": {m: e.fingerprint for m, e in erasures.items()}, "table": table}, args.json)
+        write_json(args.json, {"seeds": args.seeds, "prompts": args.prompts, "samples": args.samples, "budgets": budgets,
+                               "erasures": {m: e.fingerprint for m, e in erasures.items()}, "table": table})
 
 
 if __name__ == "__main__":

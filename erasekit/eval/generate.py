@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import to_pil
+from erasekit.utils import save_png, write_text
 
 SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance")
@@ -136,10 +137,7 @@ def write_metadata(jobs: list[PromptJob], out: str | Path) -> Path:
     for job in jobs:
         entries[job.filename] = {"file": job.filename, "case": job.case, "sample": job.sample, "prompt": job.prompt,
                                  "seed": job.seed, "guidance": job.guidance}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(entries[name]) + "\n" for name in sorted(entries)), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "".join(json.dumps(entries[name]) + "\n" for name in sorted(entries)))
 
 
 def read_metadata(folder: str | Path) -> list[dict]:
@@ -193,9 +191,7 @@ def generate_to_folder(model, jobs: list[PromptJob], out: str | Path, batch_size
             batch = group[start : start + batch_size]
             images = model.generate([j.prompt for j in batch], [j.seed for j in batch], guidance=guidance, num_inference_steps=steps)
             for job, image in zip(batch, to_pil(images)):
-                tmp = out / f".{job.filename}.tmp.png"
-                image.save(tmp)
-                os.replace(tmp, out / job.filename)
+                save_png(out / job.filename, image)
                 written += 1
             bar.update(len(batch))
     bar.close()

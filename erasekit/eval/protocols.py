@@ -68,7 +68,7 @@ class ToyProtocol(Protocol):
     prompts each (locality); ``held_out_per_word`` prompts per held-out paraphrase (for shapes,
     the two held-out names in the held-out template; for colours and styles, the held-out
     template). Every prompt gets ``samples_per_prompt`` images, seeds from
-    ``erasekit.toy.evaluate.sample_seed(seed, prompt index, sample index)``. ``toy_fid`` compares the
+    ``erasekit.utils.sample_seed(seed, prompt index, sample index)``. ``toy_fid`` compares the
     classifier features of all generated images with procedural drawings of the same scenes
     (numpy seed ``reference_seed``).
     """

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from erasekit.errors import ErasekitError
+from erasekit.utils import atomic_write, write_text
 
 SCATTER = "plots/efficacy_vs_locality.png"
 ATTACK_BARS = "plots/attack_success.png"
@@ -186,15 +186,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
 
 
 def _save_figure(figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def _write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110))  # the format follows the suffix, which tmp keeps
 
 
 # ---------------------------------------------------------------- rendering
@@ -321,6 +313,6 @@ def write_report(out: str | Path) -> Path:
     tables = build_tables(results)
     plots = write_plots(results, out)
     images = _images(results, out)
-    _write_text(render_markdown(results, tables, plots, images), out / "report.md")
-    _write_text(render_html(results, tables, plots, images), out / "index.html")
+    write_text(out / "report.md", render_markdown(results, tables, plots, images))
+    write_text(out / "index.html", render_html(results, tables, plots, images))
     return out / "index.html"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import ModelHandle
 from erasekit.models.toy import BUNDLED_TOY_DIR, is_toy_folder, load_toy
+from erasekit.utils import atomic_folder
 
 SUPPORTED = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline) and the toy model ('toy')"
 _SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
@@ -109,13 +109,10 @@ def save_pipeline(model: ModelHandle, folder: str | Path) -> Path:
     folder = Path(folder)
     if folder.exists():
         raise ErasekitError(f"{folder} already exists; choose a new folder")
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():  # left by an interrupted save
-        shutil.rmtree(tmp)
-    if model.kind == "toy":
-        defaults = {"max_length": model.max_length, "guidance": model.default_guidance, "steps": model.default_steps}
-        write_toy_folder(tmp, model.unet, extra=defaults)
-    else:
-        model.pipeline.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        if model.kind == "toy":
+            defaults = {"max_length": model.max_length, "guidance": model.default_guidance, "steps": model.default_steps}
+            write_toy_folder(tmp, model.unet, extra=defaults)
+        else:
+            model.pipeline.save_pretrained(tmp, safe_serialization=True)
     return folder

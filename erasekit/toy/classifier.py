@@ -7,18 +7,18 @@ weights ship with the package (``erasekit/toy/classifier.safetensors``), and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from erasekit.errors import ErasekitError
 from erasekit.toy import world
+from erasekit.utils import save_safetensors
 
 BUNDLED_CLASSIFIER = Path(__file__).resolve().parent / "classifier.safetensors"
 
@@ -93,10 +93,7 @@ def train_classifier(out: str | Path = BUNDLED_CLASSIFIER, steps: int = 1500, ba
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out)
+    save_safetensors(out, {k: v.contiguous() for k, v in model.state_dict().items()})
     return model
 
 

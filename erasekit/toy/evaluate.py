@@ -7,19 +7,17 @@ the same starting noise with and without an erasure: before/after comparisons ar
 from __future__ import annotations
 
 import csv
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from erasekit.errors import ErasekitError
 from erasekit.toy import world
 from erasekit.toy.classifier import load_classifier
+from erasekit.utils import image_grid, sample_seed, save_png
 
 
 @dataclass(frozen=True)
@@ -108,10 +106,6 @@ def resolve_prompts(spec: str | None) -> list[ToyPrompt]:
     return read_prompt_csv(spec)
 
 
-def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    return (seed * 1_000_003 + prompt_index * 1009 + sample_index) % (2**31)
-
-
 @torch.no_grad()
 def generate_for_prompts(model, prompts: list[ToyPrompt], samples_per_prompt: int = 2, seed: int = 0,
                          batch_size: int = 96, guidance: float | None = None, steps: int | None = None,
@@ -169,14 +163,6 @@ def evaluate_toy(model, prompts: list[ToyPrompt] | None = None, samples_per_prom
     }
 
 
-def write_json(result: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-
-
 def summary_lines(result: dict) -> list[str]:
     lines = ["overall accuracy: " + "  ".join(f"{a} {v:.1%}" for a, v in result["overall"].items() if v is not None)]
     for attribute, values in result["by_value"].items():
@@ -185,30 +171,7 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def image_grid(images: torch.Tensor, rows: int, labels: list[str] | None = None, scale: int = 4) -> Image.Image:
-    """A PIL grid: images (N, 3, H, W) in [0,1] laid out row by row, each row optionally labelled on the left."""
-    n, _, h, w = images.shape
-    cols = (n + rows - 1) // rows
-    label_width = 0 if not labels else 6 * max(len(label) for label in labels) + 12
-    cell_h, cell_w = h * scale + 4, w * scale + 4
-    canvas = Image.new("RGB", (label_width + cols * cell_w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    pictures = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    for index in range(n):
-        r, c = divmod(index, cols)
-        tile = Image.fromarray(pictures[index]).resize((w * scale, h * scale), Image.NEAREST)
-        canvas.paste(tile, (label_width + c * cell_w + 2, r * cell_h + 2))
-    for r, label in enumerate(labels or []):
-        draw.text((4, r * cell_h + cell_h // 2 - 6), label, fill="black")
-    return canvas
-
-
 def toy_grid(model, prompts: list[str], seeds: list[int], out: str | Path, guidance=None, steps=None) -> Path:
     """Write a PNG grid (prompts by seeds) a person can look at."""
     images = torch.cat([model.generate([p] * len(seeds), seeds, guidance=guidance, num_inference_steps=steps) for p in prompts])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    image_grid(images, rows=len(prompts), labels=prompts).save(tmp)
-    os.replace(tmp, out)
-    return out
+    return save_png(out, image_grid(images, rows=len(prompts), labels=prompts))
