@@ -8,14 +8,14 @@
     erasure.remove(model)          # the original weights, exactly
 """
 
-__version__ = "0.1.0"
-
 from erasekit.errors import ErasekitError
+from erasekit.version import __version__
 from erasekit.erasure import Erasure, apply_erasures
 from erasekit.models.handle import Conditioning, ModelHandle
 from erasekit.models.loading import load_model, save_pipeline
-from erasekit.methods import erase
+from erasekit.resolve import erase, resolve_targets
 
 __all__ = [
-    "Conditioning", "Erasure", "ErasekitError", "ModelHandle", "apply_erasures", "erase", "load_model", "save_pipeline",
+    "Conditioning", "Erasure", "ErasekitError", "ModelHandle", "apply_erasures", "erase", "load_model", "resolve_targets",
+    "save_pipeline",
 ]

@@ -27,34 +27,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from erasekit.errors import ErasekitError
+from erasekit.modules import MODULE_ERASURES
+from erasekit.utils import save_safetensors
 
 FORMAT_VERSION = 1
 _SIGNATURE_SAMPLES = 8
 _SIGNATURE_MAX_PARAMETERS = 64
 
-# module_type -> class with attach(model, erasure, scale) and detach(model, erasure); filled by methods
-MODULE_ERASURES: dict[str, type] = {}
-
-
-def register_module_erasure(module_type: str):
-    def decorator(cls):
-        MODULE_ERASURES[module_type] = cls
-        return cls
-
-    return decorator
-
 
 def _version() -> str:
-    from erasekit import __version__
+    from erasekit.version import __version__
 
     return __version__
 
@@ -121,6 +110,17 @@ class Erasure:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
+    def digest(self) -> str:
+        """A short id of this erasure's content: method, concepts, config and every tensor's bytes."""
+        digest = hashlib.sha256(json.dumps([self.method, self.concepts, self.config, self.module_type], sort_keys=True,
+                                           default=str).encode())
+        for prefix, tensors in (("delta", self.deltas), ("module", self.modules)):
+            for name in sorted(tensors):
+                digest.update(f"{prefix}.{name}{list(tensors[name].shape)}".encode())
+                digest.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @property
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.deltas.values()) + sum(t.numel() for t in self.modules.values())
 
@@ -141,13 +141,9 @@ class Erasure:
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"delta.{k}": v.contiguous() for k, v in self.deltas.items()}
         tensors.update({f"module.{k}": v.contiguous() for k, v in self.modules.items()})
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, tmp, metadata={"erasekit": json.dumps(self.metadata())})
-        os.replace(tmp, path)
-        return path
+        return save_safetensors(path, tensors, metadata={"erasekit": json.dumps(self.metadata())})
 
     @classmethod
     def load(cls, path: str | Path) -> "Erasure":
@@ -252,16 +248,8 @@ class Erasure:
         return parameters
 
     def _module_handler(self):
+        """The class that attaches this erasure's modules (see :mod:`erasekit.modules`)."""
         handler = MODULE_ERASURES.get(self.module_type)
-        if handler is None:  # the method module registers its handler when imported
-            from erasekit.methods import METHODS, get_method
-
-            if self.module_type in METHODS:
-                try:
-                    get_method(self.module_type)
-                except ErasekitError:
-                    pass
-            handler = MODULE_ERASURES.get(self.module_type)
         if handler is None:
             raise ErasekitError(f"this erasekit has no support for {self.module_type!r} modules ({self.method}); upgrade erasekit")
         return handler

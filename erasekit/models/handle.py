@@ -13,11 +13,13 @@ to a pipeline directly. The handle does what the methods need and nothing clever
   model, which works in pixel space).
 
 The handle also keeps the bookkeeping that makes erasures stack and come off
-exactly: the original values of every weight an applied erasure touched.
+exactly: the original values of every weight an applied erasure touched; and
+``with model.erasures_off():`` gives the unerased model for a while.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -129,6 +131,21 @@ class ModelHandle:
             if module is not None:
                 module.to(device=device, dtype=dtype)
         return self
+
+    @contextlib.contextmanager
+    def erasures_off(self):
+        """Inside, no erasure is applied (weights original, no added modules); on exit, even after an
+        exception, every one is applied again in its order and at its scale (bit-identical weights)."""
+        applied = list(self.applied_erasures)
+        removed = []
+        try:
+            for erasure, scale in reversed(applied):
+                erasure.remove(self)
+                removed.append((erasure, scale))
+            yield self
+        finally:
+            for erasure, scale in reversed(removed):
+                erasure.apply(self, scale=scale, force=True)  # it fitted when first applied
 
     # ------------------------------------------------------------- text side
     def tokenize(self, prompts: Sequence[str], tokenizer_index: int = 0) -> dict[str, torch.Tensor]:
