@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +25,24 @@ from tqdm.auto import tqdm
 
 from erasekit.models.toy import TOY_MAX_LENGTH, load_minilm, toy_scheduler_config, toy_unet_config, write_toy_folder
 from erasekit.toy import world
+from erasekit.utils import atomic_folder
 
 
 @dataclass
 class ToyTrainConfig:
-    steps: int = 3000
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    final_learning_rate: float = 1e-4
-    warmup_steps: int = 100
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    checkpoint_every: int = 250
-    seed: int = 0
+    """Settings of ``erasekit toy train``."""
+
+    steps: int = field(default=3000, metadata={"help": "Optimiser steps.", "min": 1})
+    batch_size: int = field(default=64, metadata={"help": "Freshly drawn images per step.", "min": 1})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, after the warm-up.", "gt": 0})
+    final_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate the cosine decay ends at.", "min": 0})
+    warmup_steps: int = field(default=100, metadata={"help": "Steps of linear learning-rate warm-up.", "min": 0})
+    ema_decay: float = field(default=0.999, metadata={"help": "Decay of the weights' EMA, which is what gets exported.", "min": 0, "max": 1})
+    caption_dropout: float = field(default=0.1, metadata={
+        "help": "Fraction of captions replaced by the empty prompt, for classifier-free guidance.", "min": 0, "max": 1})
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "γ of min-SNR loss weighting.", "gt": 0})
+    checkpoint_every: int = field(default=250, metadata={"help": "Steps between checkpoints.", "min": 1})
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation and the data."})
 
 
 class CaptionCache:
@@ -67,23 +70,17 @@ def _learning_rate(config: ToyTrainConfig, step: int) -> float:
 
 
 def _save_checkpoint(folder: Path, step: int, unet, ema, optimizer, rng, config) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
     state = optimizer.state_dict()
     tensors = {}
     for index, param_state in state["state"].items():
         for key, value in param_state.items():
             tensors[f"{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    save_file(tensors, tmp / "optimizer.safetensors")
     meta = {"step": step, "rng": rng.bit_generator.state, "config": asdict(config), "param_groups": state["param_groups"]}
-    (tmp / "state.json").write_text(json.dumps(meta))
-    if folder.exists():
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:  # the previous checkpoint stays until this one is complete
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta))
 
 
 def _load_checkpoint(folder: Path, unet, ema, optimizer, rng) -> int:
