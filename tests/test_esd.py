@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 import erasekit
 from erasekit import ErasekitError
 from erasekit.methods import esd
+from erasekit.targets import prompt_targets
 from erasekit.methods.esd import (
     ESDConfig, ESDTrainer, ddim_timestep_range, sample_training_timesteps, sample_x_t, select_parameters,
 )
@@ -209,8 +210,11 @@ def test_checkpoint_and_resume_give_the_uninterrupted_weights(model, tmp_path):
     first = ESDConfig(**{**base, "iterations": 4}, checkpoint_dir=str(folder), checkpoint_every=2)
     erasekit.erase(model, "esd", ["triangle", "circle"], config=first, progress=False)  # "interrupted" after 4
     assert sorted(p.name for p in folder.iterdir()) == ["esd-000004.json", "esd-000004.safetensors"]  # older pair deleted
-    state = json.loads((folder / "esd-000004.json").read_text())
-    assert state["iteration"] == 4 and len(state["losses"]) == 4 and state["generator_state"]
+    state = json.loads((folder / "esd-000004.json").read_text())["state"]
+    assert state["iteration"] == 4 and len(state["losses"]) == 4 and state["generator"]
+    with pytest.raises(ErasekitError, match="resume=true"):  # a rerun without resume never overwrites the interrupted run
+        erasekit.erase(model, "esd", ["triangle", "circle"], config=first, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["esd-000004.json", "esd-000004.safetensors"]
 
     resumed_config = ESDConfig(**base, checkpoint_dir=str(folder), checkpoint_every=2, resume=True)
     resumed = erasekit.erase(model, "esd", ["triangle", "circle"], config=resumed_config, progress=False)
@@ -248,10 +252,10 @@ def test_gradient_checkpointing_gives_the_same_result(model):
 
 def test_clear_errors(model):
     with pytest.raises(ErasekitError, match="no preserve term"):
-        esd.erase(model, ["triangle"], preserve=["circle"], config=ESDConfig(**TINY), progress=False)
+        esd.erase(model, prompt_targets(["triangle"], preserve=["circle"]), config=ESDConfig(**TINY), progress=False)
     for bad in ({"sample_with": "teacher"}, {"mixed_precision": "int8"}, {"resume": True}, {"parameter_set": "xyz"}):
         with pytest.raises(ErasekitError):
-            esd.erase(model, ["triangle"], config=ESDConfig(**{**TINY, **bad}), progress=False)
+            esd.erase(model, prompt_targets(["triangle"]), config=ESDConfig(**{**TINY, **bad}), progress=False)
     assert not any(p.requires_grad for p in model.unet.parameters())
 
 

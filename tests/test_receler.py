@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
 import sys
 import time
 
@@ -10,17 +17,18 @@ import torch
 from diffusers import DDIMScheduler
 
 import erasekit
-import erasekit.methods
 from erasekit import ErasekitError
-from erasekit.erasure import MODULE_ERASURES, Erasure
+from erasekit.erasure import Erasure
 from erasekit.methods import build_config
 from erasekit.methods import receler
 from erasekit.methods.receler import (
-    Eraser, RecelerConfig, RecelerTrainer, choose_mask_layers, concept_attention_maps, concept_mask,
+    RecelerConfig, RecelerTrainer, choose_mask_layers, concept_attention_maps, concept_mask,
     coupled_timesteps, cross_attention_resolutions, eraser_parameter_count, localization_loss, resize_mask,
     splice_adversarial,
 )
 from erasekit.models.attention import HookedCrossAttnProcessor, hooked_processor, remove_hooks
+from erasekit.modules.receler import Eraser
+from erasekit.targets import prompt_targets
 
 # A few iterations on very short DDIM schedules keep every fast test at a few seconds.
 TINY = dict(iterations=2, ddim_steps=3, batch_size=1, eraser_rank=8, adversarial_steps=2, adversarial_tokens=4,
@@ -262,6 +270,138 @@ def test_training_is_seeded(model):
     assert all(torch.equal(a.modules[k], b.modules[k]) for k in a.modules)
 
 
+# ------------------------------------------------------------------- checkpoints and resume
+CURVES = ("loss_curve", "erase_curve", "regularization_curve", "attack_curve")
+
+
+def assert_same_erasure(a: Erasure, b: Erasure) -> None:
+    assert sorted(a.modules) == sorted(b.modules)
+    for name, value in a.modules.items():
+        assert torch.equal(b.modules[name], value), name
+    for key in (*CURVES, "concept_counts", "iterations"):
+        assert a.info[key] == b.info[key], key
+
+
+def checkpoint_files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("adversarial_steps", [2, 0])
+def test_checkpoint_and_resume_give_the_uninterrupted_erasers(model, tmp_path, adversarial_steps):
+    base = dict(TINY, iterations=4, seed=7, adversarial_steps=adversarial_steps)
+    concepts = ["triangle", "circle"]
+    uninterrupted = erasekit.erase(model, "receler", concepts, config=RecelerConfig(**base), progress=False)
+
+    folder = tmp_path / "ckpt"
+    first = RecelerConfig(**{**base, "iterations": 2}, checkpoint_dir=str(folder), checkpoint_every=1)
+    erasekit.erase(model, "receler", concepts, config=first, progress=False)  # "interrupted" after 2
+    assert checkpoint_files(folder) == ["receler-000002.json", "receler-000002.safetensors"]  # older pair deleted
+    saved = json.loads((folder / "receler-000002.json").read_text())
+    state = saved["state"]
+    assert state["iteration"] == 2 and len(state["history"]["loss"]) == 2 and state["generator"]
+    assert len(state["adversarial_adam"]) == 2
+    if adversarial_steps == 0:  # no attack: NaN in the history, stored as JSON null
+        assert state["history"]["attack"] == [None, None]
+    with pytest.raises(ErasekitError, match="resume=true"):  # a rerun without resume never overwrites the interrupted run
+        erasekit.erase(model, "receler", concepts, config=first, progress=False)
+    assert checkpoint_files(folder) == ["receler-000002.json", "receler-000002.safetensors"]
+
+    resumed_config = RecelerConfig(**base, checkpoint_dir=str(folder), checkpoint_every=1, resume=True)
+    resumed = erasekit.erase(model, "receler", concepts, config=resumed_config, progress=False)
+    assert_same_erasure(uninterrupted, resumed)
+    assert checkpoint_files(folder) == ["receler-000004.json", "receler-000004.safetensors"]
+
+    other = dataclasses.replace(resumed_config, learning_rate=5e-3)
+    with pytest.raises(ErasekitError, match="learning_rate"):
+        erasekit.erase(model, "receler", concepts, config=other, progress=False)
+
+
+def test_checkpoint_holds_the_adversarial_state_and_restores_it_in_place(model, tmp_path):
+    config = RecelerConfig(**{**TINY, "iterations": 1}, checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    trainer = RecelerTrainer(model, ["triangle"], config)
+    try:
+        trainer.train(progress=False)
+        tensors, state = trainer.training_state()
+        assert {"adversarial.0", "adversarial_adam.0.0.exp_avg", "adversarial_adam.0.0.exp_avg_sq", "adam.0.exp_avg"} <= set(tensors)
+        expected = {name: value.detach().clone() for name, value in tensors.items()}
+    finally:
+        trainer.close()
+    fresh = RecelerTrainer(model, ["triangle"], dataclasses.replace(config, resume=True))
+    try:
+        vectors, parameter = fresh.adversarial[0], fresh.parameters[0]
+        assert not torch.equal(vectors.detach(), expected["adversarial.0"])
+        fresh.load_state(1, expected, json.loads(json.dumps(state)))
+        assert fresh.adversarial[0] is vectors and fresh.parameters[0] is parameter  # the same tensors, filled in
+        assert fresh.adversarial_optimizers[0].param_groups[0]["params"][0] is vectors
+        restored, _ = fresh.training_state()
+        assert sorted(restored) == sorted(expected)
+        for name, value in expected.items():
+            assert torch.equal(restored[name].detach(), value), name
+        assert fresh.iteration == 1 and fresh.history == trainer.history
+    finally:
+        fresh.close()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+KILLED_RUN = """
+import json, sys
+import torch
+import erasekit
+from erasekit.methods.receler import RecelerConfig
+torch.set_num_threads(1)
+model = erasekit.load_model(sys.argv[1])
+erasekit.erase(model, "receler", ["triangle"], config=RecelerConfig(**json.loads(sys.argv[2])), progress=False)
+"""
+
+
+def newest_checkpoint_step(folder) -> int:
+    steps = [int(m.group(1)) for p in folder.glob("receler-*.json") if (m := re.fullmatch(r"receler-(\d+)\.json", p.name))]
+    return max(steps, default=0)
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_erasers(model, toy_folder, tmp_path):
+    """kill -9 a training process mid-run; the resumed run ends bit for bit where an uninterrupted one does."""
+    folder = tmp_path / "ckpt"
+    settings = dict(TINY, seed=3)
+    endless = {**settings, "iterations": 100_000, "checkpoint_dir": str(folder), "checkpoint_every": 1}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(toy_folder), json.dumps(endless)],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while newest_checkpoint_step(folder) < 2:  # (no folder yet: no step)
+            assert process.poll() is None, f"the training process ended early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint at step 2 within 120 s"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    step = newest_checkpoint_step(folder)
+    assert step >= 2
+    total = step + 2
+    with torch_threads(1):  # compute as the killed process did
+        resumed_config = RecelerConfig(**{**settings, "iterations": total}, checkpoint_dir=str(folder), resume=True)
+        resumed = erasekit.erase(model, "receler", ["triangle"], config=resumed_config, progress=False)
+        uninterrupted = erasekit.erase(model, "receler", ["triangle"], config=RecelerConfig(**{**settings, "iterations": total}),
+                                       progress=False)
+    assert_same_erasure(uninterrupted, resumed)
+
+
 def test_timestep_coupling():
     # official: t from the CompVis interval, x_t two DDIM steps less noisy (t_enc 0 and 1: a full sample)
     assert coupled_timesteps(0, 50, 1000, "official") == (50, 0, 20)
@@ -291,13 +431,13 @@ def test_config_presets_and_errors(model):
     assert all(getattr(toy, key) == value for key, value in receler.PRESETS["toy"].items())
     assert toy.ddim_steps < paper.ddim_steps and toy.iterations < paper.iterations
     with pytest.raises(ErasekitError, match="preserve"):
-        receler.erase(model, ["triangle"], preserve=["circle"], config=RecelerConfig(**TINY))
+        receler.erase(model, prompt_targets(["triangle"], preserve=["circle"]), config=RecelerConfig(**TINY))
     with pytest.raises(ErasekitError, match="timestep_coupling"):
         RecelerTrainer(model, ["triangle"], RecelerConfig(**TINY, timestep_coupling="compvis"))
 
 
 # ------------------------------------------------------------------- apply, stack, remove
-def test_save_load_apply_remove_round_trip(model, probe, trained, tmp_path, monkeypatch):
+def test_save_load_apply_remove_round_trip(model, probe, trained, tmp_path):
     erasure = trained[0]
     reference = output(model, probe)
     before = processors(model)
@@ -310,11 +450,7 @@ def test_save_load_apply_remove_round_trip(model, probe, trained, tmp_path, monk
     assert processors(model) == before
     assert torch.equal(output(model, probe), reference)  # removing restores the output exactly
 
-    path = erasure.save(tmp_path / "triangle.safetensors")
-    # as in a fresh process, where nothing imported the method yet: applying must find the handler
-    monkeypatch.delitem(MODULE_ERASURES, "receler")
-    monkeypatch.delitem(sys.modules, "erasekit.methods.receler")
-    monkeypatch.setattr(erasekit.methods, "receler", receler)  # put back after the test
+    path = erasure.save(tmp_path / "triangle.safetensors")  # a fresh process applies it too: tests/test_modules.py
     loaded = Erasure.load(path)
     assert loaded.module_type == "receler" and loaded.concepts == ["triangle"] and loaded.config["eraser_rank"] == 8
     loaded.apply(model)

@@ -10,37 +10,48 @@ v* is an input token embedding (it goes through the text encoder like any word),
 from ``initializer``'s embedding. It is learned once per run on ``images`` concept images, kept
 in ``OUT/textual_inversion.safetensors`` (a rerun reuses it) and then every attacked prompt is
 given with the concept's word replaced by v* (prefixed when the word does not occur). Defaults
-are CCE's: 5000 steps, batch 4 x gradient accumulation 4, lr 5e-3, 25 images.
+are CCE's: 5000 steps, batch 4 x gradient accumulation 4, lr 5e-3, 25 images. Learning
+checkpoints into ``OUT/textual_inversion/`` (:mod:`erasekit.training`) every ``checkpoint_every``
+steps, and a rerun into the same folder continues from the newest checkpoint.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, add_noise, denoising_target, sample_seed
+from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, add_noise, denoising_target
 from erasekit.attacks.text import encode_slots, input_embedding_matrix, token_template, word_ids
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import Conditioning
+from erasekit.training import (
+    Checkpoints, comparable, generator_state, load_optimizer_state, optimizer_state, set_generator_state, weights_digest,
+)
+from erasekit.utils import sample_seed, save_safetensors
 
 
 @dataclass
 class TextualInversionConfig(AttackConfig):
     """CCE's defaults (landscape.md, B4)."""
 
-    steps: int = 5000  # optimiser steps
-    batch_size: int = 4
-    gradient_accumulation: int = 4
-    learning_rate: float = 5e-3
-    images: int = 25  # concept images from the unerased model
-    initializer: str | None = None  # v*'s start: this word's first token (None: "shape" on the toy model, "art" elsewhere)
-    concept_word: str | None = None  # the word v* replaces in the prompts (None: the concept)
-    training_prompts: list | None = None  # prompts of the concept images (None: the attacked prompts)
+    steps: int = field(default=5000, metadata={"help": "Optimiser steps learning the new token v*.", "min": 0})
+    batch_size: int = field(default=4, metadata={"help": "Concept images per optimiser micro-batch.", "min": 1})
+    gradient_accumulation: int = field(default=4, metadata={"help": "Micro-batches accumulated per optimiser step.", "min": 1})
+    learning_rate: float = field(default=5e-3, metadata={"help": "Learning rate of the token embedding v*.", "gt": 0})
+    images: int = field(default=25, metadata={"help": "Concept images drawn by the unerased model to learn v* on.", "min": 1})
+    initializer: str | None = field(default=None, metadata={
+        "help": "v* starts at this word's first token (none: 'shape' on the toy model, 'art' elsewhere)."})
+    concept_word: str | None = field(default=None, metadata={
+        "help": "The word v* replaces in the prompts (none: the concept)."})
+    training_prompts: list | None = field(default=None, metadata={
+        "help": "Prompts of the concept images v* is learned on (none: the attacked prompts)."})
+    checkpoint_every: int = field(default=500, metadata={
+        "help": "Steps between checkpoints of v* in the output folder; a rerun continues from the newest.", "min": 1})
 
 
 class TextualInversionAttack(Attack):
@@ -61,10 +72,8 @@ class TextualInversionAttack(Attack):
             return
         self.embedding, self.info = self._learn(run)
         if saved is not None:
-            tmp = saved.with_name(f".{saved.name}.tmp")
-            save_file({"embedding": self.embedding.detach().float().cpu().contiguous()}, str(tmp),
-                      metadata={"concept": run.concept, "word": self.word})
-            os.replace(tmp, saved)
+            save_safetensors(saved, {"embedding": self.embedding.detach().float().cpu().contiguous()},
+                             metadata={"concept": run.concept, "word": self.word})
 
     def _learn(self, run):
         config, model = self.config, run.model
@@ -77,7 +86,7 @@ class TextualInversionAttack(Attack):
         # the concept images, from the unerased model
         chosen = [prompts[k % len(prompts)] for k in range(config.images)]
         latents = []
-        with run.original():
+        with model.erasures_off():
             for k, prompt in enumerate(tqdm(chosen, desc="concept images", disable=not run.progress, leave=False)):
                 latents.append(run.generate(model.encode([prompt]), [sample_seed(run.seed, 9_999, k)], return_latents=True))
         latents = torch.cat(latents)
@@ -86,25 +95,43 @@ class TextualInversionAttack(Attack):
         optimizer = torch.optim.AdamW([embedding], lr=config.learning_rate, weight_decay=0.0)
         last = model.scheduler.config.num_train_timesteps
         losses, steps_run = [], 0
-        with run.erased():
-            for _ in tqdm(range(config.steps), desc="textual inversion", disable=not run.progress, leave=False):
-                optimizer.zero_grad()
-                total = 0.0
-                for _ in range(config.gradient_accumulation):
-                    picks = torch.randint(len(latents), (config.batch_size,), generator=generator).tolist()
-                    x0 = latents[picks]
-                    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-                    t = torch.randint(last, (len(picks),), generator=generator).to(x0.device)
-                    cond = Conditioning.cat([encode_slots(model, templates[k], embedding.unsqueeze(0).to(model.dtype)) for k in picks])
-                    prediction = model.predict_noise(add_noise(model, x0, noise, t), t, cond)
-                    loss = F.mse_loss(prediction.float(), denoising_target(model, x0, noise, t).float()) / config.gradient_accumulation
-                    loss.backward()
-                    total += loss.item()
-                optimizer.step()
-                losses.append(total)
-                steps_run += 1
-                if run.out_of_time():
-                    break
+        checkpoints = None
+        folder = run.artifact_path("textual_inversion")
+        if folder is not None:
+            key = {"attack": self.name, "concept": run.concept, "word": self.word, "initializer": initializer, "seed": run.seed,
+                   "prompts": chosen, "config": comparable(dataclasses.asdict(config), ("steps", "checkpoint_every", "time_s")),
+                   "model": weights_digest(dict(model.unet.named_parameters())), "erasures": [(e.digest, scale) for e, scale in model.applied_erasures]}
+            checkpoints = Checkpoints(folder, "v", key)
+            saved = checkpoints.load()  # another run's checkpoint is refused
+            if saved is not None:
+                step, tensors, state = saved
+                with torch.no_grad():
+                    embedding.copy_(tensors["embedding"])
+                load_optimizer_state("adamw", optimizer, tensors, state["adamw"])
+                set_generator_state(generator, state["generator"])
+                losses, steps_run = list(state["losses"]), step
+        for _ in tqdm(range(steps_run, config.steps), desc="textual inversion", disable=not run.progress, leave=False):
+            optimizer.zero_grad()
+            total = 0.0
+            for _ in range(config.gradient_accumulation):
+                picks = torch.randint(len(latents), (config.batch_size,), generator=generator).tolist()
+                x0 = latents[picks]
+                noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+                t = torch.randint(last, (len(picks),), generator=generator).to(x0.device)
+                cond = Conditioning.cat([encode_slots(model, templates[k], embedding.unsqueeze(0).to(model.dtype)) for k in picks])
+                prediction = model.predict_noise(add_noise(model, x0, noise, t), t, cond)
+                loss = F.mse_loss(prediction.float(), denoising_target(model, x0, noise, t).float()) / config.gradient_accumulation
+                loss.backward()
+                total += loss.item()
+            optimizer.step()
+            losses.append(total)
+            steps_run += 1
+            if checkpoints is not None and steps_run % config.checkpoint_every == 0:
+                tensors, values = optimizer_state("adamw", optimizer)
+                checkpoints.save(steps_run, {"embedding": embedding, **tensors},
+                                 {"adamw": values, "generator": generator_state(generator), "losses": losses})
+            if run.out_of_time():
+                break
         info = {"steps_run": steps_run, "initializer": initializer, "images": len(latents),
                 "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
         return embedding.detach(), info

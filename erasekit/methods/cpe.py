@@ -56,25 +56,12 @@ text-states tensor and reused by every layer and projection; the cache holds a r
 tensor and checks its address, shape, strides, dtype and in-place version, so it never serves
 another input.
 
-**Anchors and templates** come from the ``domain`` (``auto``: ``toy`` on the toy model, else
-``celebrity``), or from the fields that override it:
-
-* celebrity: neutral "a person", ``data/templates_person.txt``, candidates ``data/anchors_people.txt``,
-  always kept ``data/anchors_person_words.txt``;
-* artist: neutral "real photograph", ``data/templates_art.txt``, candidates ``data/anchors_artists.txt``,
-  always kept ``data/anchors_art_words.txt``;
-* explicit: neutral "a person in modest clothing", ``data/templates_explicit.txt``, the everyday
-  sentences of ``data/anchors_sentences.txt`` (all kept, used as written);
-* toy: neutral "object" for a shape ("plain" for a style, "colored" for a colour), the toy's
-  training captions with the concept's slot open, the other shapes' (styles', colours') names.
-
-Anchor names go into every template (explicit sentences are used as they are); ``preserve``
-adds names that are always kept. Of ``anchors_file`` the ``similar_anchors`` entries whose
-bare-name text states are most cosine-similar to the concept's are kept; names containing the
-concept are dropped. On the toy model the anchors are the other shapes' names in every toy
-caption template (so every colour and style is anchored in context) plus the bare colour and
-style words. The bundled lists are small ones written for erasekit, not the paper's
-500-celebrity and 1,734-artist lists; pass ``anchors_file`` to use longer ones.
+**Anchors and templates** come from the target (:mod:`erasekit.targets`, by the concept's kind):
+its neutral word e_n, its templates (plus ``extra_templates``; ``max_templates`` keeps a seeded
+subset), the anchor names it always keeps and the user's ``--preserve`` names (each put in every
+template where the kind says so), the ``similar_anchors`` candidates whose bare-name text states
+are most cosine-similar to the concept's, and anchor prompts used as written. Names containing
+the concept are dropped. ``templates`` and ``anchors_file`` replace the target's lists with a file.
 
 Presets: ``paper`` and ``celebrity`` (the defaults: r = 1, r_g = 16, g = 0.3, λ = 1e5, 5 stages),
 ``artist`` (g = 0.5, λ = 1e4, 10 stages, 16 anchors), ``explicit`` (r = 4, r_g = 64, g = 3,
@@ -85,154 +72,99 @@ On disk (``module.<name>`` tensors of the :class:`~erasekit.Erasure`, leading ax
 ``gate.query`` (C, d, r_g), ``gate.scaler`` (C, d), ``gate.key`` (C, d, r_g; only with
 ``gate_key_projection``), ``alpha`` (C,), and per projection ``<attn path>.to_k.down`` (C, d, r),
 ``<attn path>.to_k.up`` (C, r, out), likewise ``.to_v``.
+
+**Checkpoints** (``checkpoint_dir``, :mod:`erasekit.training`): the run's full state is saved every
+``checkpoint_every`` optimiser steps; ``resume=True`` continues it to the uninterrupted result, bit for bit on the CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from erasekit.erasure import Erasure, model_signature, register_module_erasure
+from erasekit.erasure import Erasure, model_signature
 from erasekit.errors import ErasekitError
-from erasekit.models.attention import HookedCrossAttnProcessor, hooked_processor, remove_hooks
+from erasekit.modules.cpe import ResAG
+from erasekit.targets import EraseTarget, read_list, require
+from erasekit.training import (
+    CheckpointConfig, comparable, generator_state, load_optimizer_state, optimizer_state, resume_or_start,
+    set_generator_state, weights_digest,
+)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-HOOK_NAME = "cpe"
-QUERY_INIT = 1e-8  # |A| at initialisation (research notes, B1.7)
+# iterations sets the stages' LR schedules, so unlike ESD a resumed CPE run may change only these
+RESUMABLE_CHANGES = ("checkpoint_every", "checkpoint_dir", "resume")
 
-# The text side of each domain (research notes, B2); "toy" lists are built from erasekit.toy.world.
-DOMAINS = {
-    "celebrity": dict(neutral="a person", templates="person", anchors_file="people",
-                      generic_anchors_file="person_words", anchors_in_templates=True),
-    "artist": dict(neutral="real photograph", templates="art", anchors_file="artists",
-                   generic_anchors_file="art_words", anchors_in_templates=True),
-    "explicit": dict(neutral="a person in modest clothing", templates="explicit", anchors_file="sentences",
-                     generic_anchors_file="", anchors_in_templates=False),
-    "toy": dict(neutral=None, templates="toy", anchors_file="toy", generic_anchors_file="", anchors_in_templates=True),
-}
+
+def _help(text: str, **checks) -> dict:
+    return {"help": text, **checks}
 
 
 @dataclass
-class CPEConfig:
-    """CPE settings; the defaults are the paper code's celebrity settings (research notes, B3)."""
+class CPEConfig(CheckpointConfig):
+    """CPE settings; the defaults are the paper code's celebrity settings (research notes, B3).
 
-    domain: str = "auto"  # celebrity, artist, explicit or toy (text-side defaults); auto: toy on the toy model, else celebrity
-    neutral: str | None = None  # e_n's word; None: the domain's
-    templates: str | None = None  # prompt templates with "{}": a bundled list (person, art, explicit, toy) or a file
-    anchors_file: str | None = None  # candidate anchors (bundled: people, artists, sentences, toy; or a file); "" for none
-    generic_anchors_file: str | None = None  # anchors always kept (bundled: person_words, art_words; or a file); "" for none
-    anchors_in_templates: bool | None = None  # put each anchor name in every template (None: the domain's)
-    similar_anchors: int = 50  # keep this many of anchors_file, the most similar to the concept (0: all)
-    max_templates: int = 0  # use at most this many templates, a seeded random subset (0: all, the paper)
-    rank: int = 1  # r of each projection's D U
-    gate_rank: int = 16  # r_g of the gate's query projection A
-    alpha: float = 1.0  # α (the residual is scaled by α/r)
-    guidance: float = 0.3  # g: target W e_n + g (W e_n - W e_t)
-    anchor_weight: float = 1e5  # λ_anc ("pal")
-    anchor_batch_size: int = 32  # B anchors per step (2B cached anchors drawn, then mixed in pairs)
-    anchor_noise: float = 1e-3  # std of the anchors' noise, relative to ‖a‖_F
-    anchor_mixup: bool = True  # mix the 2B noisy anchors in pairs, λ ~ Beta(1, 1)
-    stages: int = 5  # erase stages (each but the last followed by an attack)
-    iterations: int = 450  # erase iterations per stage from stage 1 on
-    first_stage_iterations: int = 1800  # erase iterations of stage 0
-    learning_rate: float = 3e-5  # AdamW, stages 1..
-    first_stage_learning_rate: float = 3e-4  # AdamW, stage 0
-    first_stage_cycles: int = 2  # hard restarts of stage 0's cosine schedule
-    warmup_steps: int = 5  # linear warm-up of every schedule
-    weight_decay: float = 0.01  # AdamW's
-    adversarial_embeddings: int = 16  # N perturbations δ per attack (0: no adversarial training)
-    adversarial_iterations: int = 450  # attack iterations
-    adversarial_learning_rate: float = 1e-2
-    adversarial_weight: float = 1.0  # weight of the adversarial erase term ("adv_coef")
-    gate_key_projection: bool = False  # the gate uses Q (E A_key)ᵀ, the code's intent, instead of Q Qᵀ (released behaviour)
-    seed: int = 2024
-    extra_templates: list[str] = field(default_factory=list)  # more templates with "{}", added to the domain's
+    ``checkpoint_every`` counts the run's optimiser steps: erase and attack steps, over all concepts and stages.
+    """
+
+    templates: str | None = field(default=None, metadata=_help(
+        "Prompt templates with '{}' (a file or a bundled list: person, art, explicit, object); None: the target's."))
+    anchors_file: str | None = field(default=None, metadata=_help(
+        "Candidate anchor names (a file or a bundled list: people, artists, objects, sentences); None: the target's."))
+    similar_anchors: int = field(default=50, metadata=_help(
+        "Keep this many candidate anchors, the most similar to the concept (0: all).", min=0))
+    max_templates: int = field(default=0, metadata=_help("Use at most this many templates, a seeded subset (0: all).", min=0))
+    rank: int = field(default=1, metadata=_help("r of each projection's D U.", min=1))
+    gate_rank: int = field(default=16, metadata=_help("r_g of the gate's query projection A.", min=1))
+    alpha: float = field(default=1.0, metadata=_help("α: the residual is scaled by α/r."))
+    guidance: float = field(default=0.3, metadata=_help("g: the erase target is W e_n + g (W e_n - W e_t)."))
+    anchor_weight: float = field(default=1e5, metadata=_help("λ_anc, the anchoring loss weight ('pal').", min=0))
+    anchor_batch_size: int = field(default=32, metadata=_help("B anchors a step (2B drawn, then mixed in pairs).", min=1))
+    anchor_noise: float = field(default=1e-3, metadata=_help("Std of the anchors' noise, relative to ‖a‖_F.", min=0))
+    anchor_mixup: bool = field(default=True, metadata=_help("Mix the 2B noisy anchors in pairs, λ ~ Beta(1, 1)."))
+    stages: int = field(default=5, metadata=_help("Erase stages (each but the last followed by an attack).", min=1))
+    iterations: int = field(default=450, metadata=_help("Erase iterations a stage from stage 1 on.", min=0))
+    first_stage_iterations: int = field(default=1800, metadata=_help("Erase iterations of stage 0.", min=0))
+    learning_rate: float = field(default=3e-5, metadata=_help("AdamW's learning rate, stages 1 on.", min=0))
+    first_stage_learning_rate: float = field(default=3e-4, metadata=_help("AdamW's learning rate, stage 0.", min=0))
+    first_stage_cycles: int = field(default=2, metadata=_help("Hard restarts of stage 0's cosine schedule.", min=1))
+    warmup_steps: int = field(default=5, metadata=_help("Linear warm-up of every schedule.", min=0))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW's weight decay.", min=0))
+    adversarial_embeddings: int = field(default=16, metadata=_help(
+        "N perturbations δ an attack (0: no adversarial training).", min=0))
+    adversarial_iterations: int = field(default=450, metadata=_help("Attack iterations.", min=0))
+    adversarial_learning_rate: float = field(default=1e-2, metadata=_help("The attack's Adam learning rate.", min=0))
+    adversarial_weight: float = field(default=1.0, metadata=_help("Weight of the adversarial erase term ('adv_coef').", min=0))
+    gate_key_projection: bool = field(default=False, metadata=_help(
+        "The gate uses Q (E A_key)ᵀ, the code's intent, instead of Q Qᵀ (released behaviour)."))
+    seed: int = field(default=2024, metadata=_help("Seed of initialisation, anchors and template subsets."))
+    extra_templates: list[str] = field(default_factory=list, metadata=_help("More templates with '{}', added to the target's."))
 
 
 CONFIG = CPEConfig
 
 PRESETS = {
     "paper": {},
-    "celebrity": {"domain": "celebrity"},
-    "artist": {"domain": "artist", "guidance": 0.5, "anchor_weight": 1e4, "stages": 10, "anchor_batch_size": 16},
+    "celebrity": {},
+    "artist": {"guidance": 0.5, "anchor_weight": 1e4, "stages": 10, "anchor_batch_size": 16},
     "explicit": {
-        "domain": "explicit", "rank": 4, "gate_rank": 64, "guidance": 3.0, "anchor_weight": 1e4, "stages": 20,
+        "rank": 4, "gate_rank": 64, "guidance": 3.0, "anchor_weight": 1e4, "stages": 20,
         "iterations": 1200, "first_stage_iterations": 2400, "adversarial_iterations": 1200, "adversarial_embeddings": 32,
         "anchor_batch_size": 16, "warmup_steps": 10, "similar_anchors": 0,
     },
-    # Tuned on the bundled toy model: one shape in about 15 s on one CPU core (text encoding included).
+    # tuned on the bundled toy model (docs/toy-presets.md)
     "toy": {
-        "domain": "toy", "guidance": 3.0, "anchor_weight": 1e3, "stages": 3, "first_stage_iterations": 600,
+        "guidance": 3.0, "anchor_weight": 1e3, "stages": 3, "first_stage_iterations": 600,
         "iterations": 200, "first_stage_learning_rate": 3e-3, "learning_rate": 3e-4, "adversarial_embeddings": 8,
         "adversarial_iterations": 100, "anchor_batch_size": 16, "max_templates": 24,
     },
 }
-
-
-# ---------------------------------------------------------------------------------- the ResAG
-class ResAG(torch.nn.Module):
-    """One concept's residual attention gates on L projections (research notes, B1).
-
-    ``query`` A (d, r_g), ``scaler`` s (d,) and the optional ``key`` are the gate network shared
-    by all projections; ``down[ℓ]`` D_ℓ (d, r) and ``up[ℓ]`` U_ℓ (r, out_ℓ) are projection ℓ's.
-    """
-
-    def __init__(self, dim: int, out_dims: list[int], rank: int = 1, gate_rank: int = 16, alpha: float = 1.0,
-                 key_projection: bool = False, generator: torch.Generator | None = None, device=None):
-        super().__init__()
-
-        def uniform(shape, bound):
-            return (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(device)
-
-        self.rank, self.alpha = rank, alpha
-        self.query = torch.nn.Parameter(uniform((dim, gate_rank), QUERY_INIT))
-        self.key = torch.nn.Parameter(uniform((dim, gate_rank), QUERY_INIT)) if key_projection else None
-        self.scaler = torch.nn.Parameter(torch.zeros(dim, device=device))
-        self.down = torch.nn.Parameter(uniform((len(out_dims), dim, rank), 1 / math.sqrt(dim)))
-        self.up = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(rank, out, device=device)) for out in out_dims])
-
-    def gate(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, Ē) for text states (B, T, d): g (B, T) in (0, 1), Ē = softmax(Q Kᵀ) E (B, T, d)."""
-        return gate_outputs(states, self.query, self.scaler, self.key)
-
-    def mixed(self, states: torch.Tensor) -> torch.Tensor:
-        """z = (α/r) · g · Ē (B, T, d): ResAG_ℓ(E) = z D_ℓ U_ℓ."""
-        g, mixed = self.gate(states)
-        return (self.alpha / self.rank) * g[..., None] * mixed
-
-    def residual(self, states: torch.Tensor, index: int) -> torch.Tensor:
-        """ResAG_ℓ(E) (B, T, out_ℓ) of projection ``index``, computed directly."""
-        return self.mixed(states) @ self.down[index] @ self.up[index]
-
-    def state(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors this concept contributes to an erasure (float32, CPU, no concept axis yet)."""
-        tensors = {"gate.query": self.query, "gate.scaler": self.scaler, "alpha": torch.tensor(float(self.alpha))}
-        if self.key is not None:
-            tensors["gate.key"] = self.key
-        for index, name in enumerate(names):
-            tensors[f"{name}.down"] = self.down[index]
-            tensors[f"{name}.up"] = self.up[index]
-        return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-
-
-def gate_outputs(states: torch.Tensor, query: torch.Tensor, scaler: torch.Tensor, key: torch.Tensor | None = None):
-    """The gate for text states (B, T, d) and one concept (query (d, r_g)) or several (query (C, d, r_g)).
-
-    Returns g (…, B, T) and Ē (…, B, T, d), with a leading concept axis when ``query`` has one.
-    """
-    stacked = query.ndim == 3
-    q = torch.einsum("btd,cdr->cbtr", states, query) if stacked else states @ query
-    k = q if key is None else (torch.einsum("btd,cdr->cbtr", states, key) if stacked else states @ key)
-    attention = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
-    mixed = attention @ states  # (…, B, T, T) @ (B, T, d)
-    g = torch.sigmoid((mixed * (scaler[:, None, None, :] if stacked else scaler)).sum(-1))
-    return g, mixed
 
 
 # ------------------------------------------------------------------------- the frozen K/V side
@@ -361,187 +293,192 @@ def sample_anchors(anchors: torch.Tensor, norms: torch.Tensor, config: CPEConfig
     return first.add_(noise.mul_(sigma[:, None, None]))
 
 
-def attack(bank: KVProjections, resag: ResAG, targets: torch.Tensor, config: CPEConfig, generator: torch.Generator,
-           progress_bar=None) -> tuple[torch.Tensor, float]:
-    """N perturbations δ of the target states that bring W̃(e_t + δ) back to W e_t (ResAG frozen); returns (δ, last loss)."""
-    count, tokens, dim = config.adversarial_embeddings, targets.shape[1], targets.shape[2]
-    bound = 1 / math.sqrt(dim) / dim**2  # ≈ 0: a uniform(±1/√d) init divided by d²
-    deltas = ((torch.rand(count, tokens, dim, generator=generator, device=targets.device) * 2 - 1) * bound).requires_grad_(True)
-    optimizer = torch.optim.AdamW([deltas], lr=config.adversarial_learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_restarts(config.warmup_steps, config.adversarial_iterations, 1))
-    resag.requires_grad_(False)
-    try:
-        factors = bank.factors(resag)
-        loss = torch.zeros(())
-        for _ in range(config.adversarial_iterations):
-            template = int(torch.randint(len(targets), (1,), generator=generator, device=targets.device))
-            z = resag.mixed(targets[template : template + 1] + deltas)
-            loss = bank.losses(z, resag.down, factors, x=-deltas).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if progress_bar is not None:
-                progress_bar.update(1)
-    finally:
-        resag.requires_grad_(True)
-    return deltas.detach(), float(loss.detach())
+class ConceptTrainer:
+    """One concept's ResAG training (research notes, B2) as a state machine that can be saved between any two steps.
+
+    ``targets`` and ``neutrals`` (P, T, d) are the templates filled with the concept and with the
+    neutral word (row p of one matches row p of the other), ``anchors`` (N, T, d) the anchor cache
+    (or None). The state: ``stage``, its ``phase`` ("erase", then "attack" after each stage but the
+    last) and ``position`` (steps done in the phase); :meth:`step` does one optimiser step.
+    """
+
+    def __init__(self, bank: KVProjections, targets: torch.Tensor, neutrals: torch.Tensor, anchors: torch.Tensor | None,
+                 config: CPEConfig):
+        device = bank.gram.device
+        self.bank, self.config, self.device = bank, config, device
+        self.targets = targets.to(device, torch.float32)
+        self.erase_x = (1 + config.guidance) * (neutrals.to(device, torch.float32) - self.targets)
+        use_anchors = anchors is not None and len(anchors) > 0 and config.anchor_weight != 0
+        self.anchors = anchors.to(device, torch.float32) if use_anchors else None
+        self.anchor_norms = self.anchors.flatten(1).norm(dim=1) if use_anchors else None
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.resag = ResAG(bank.dim, bank.out_dims, config.rank, config.gate_rank, config.alpha, config.gate_key_projection,
+                           torch.Generator().manual_seed(config.seed), device)
+        self.attacks = config.adversarial_embeddings > 0 and config.adversarial_iterations > 0
+        self.total = config.first_stage_iterations + (config.stages - 1) * (
+            config.iterations + (config.adversarial_iterations if self.attacks else 0))
+        self.steps = 0  # optimiser steps done
+        self.history: list[dict] = []
+        self.deltas = None  # the latest attack's δ, used by the erase steps after it
+        self.attack_deltas = self.factors = None  # the attack in progress: its δ, the frozen ResAG's factors
+        self.terms, self.attack_loss = {}, None  # the latest erase step's loss terms, the latest attack step's loss
+        self._start_stage(0)
+        self._advance()
+
+    @property
+    def done(self) -> bool:
+        return self.stage >= self.config.stages
+
+    def _length(self) -> int:
+        config = self.config
+        if self.phase == "attack":
+            return config.adversarial_iterations
+        return config.first_stage_iterations if self.stage == 0 else config.iterations
+
+    def _start_stage(self, stage: int) -> None:
+        self.stage, self.phase, self.position, self.record = stage, "erase", 0, {"stage": stage}
+        if not self.done:
+            self._erase_optimizer()
+
+    def _erase_optimizer(self) -> None:
+        config, first = self.config, self.stage == 0
+        lr = config.first_stage_learning_rate if first else config.learning_rate
+        self.optimizer = torch.optim.AdamW(self.resag.parameters(), lr=lr, weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_restarts(config.warmup_steps, self._length(), config.first_stage_cycles if first else 1))
+
+    def _attack_optimizer(self, deltas: torch.Tensor) -> None:
+        """The attack: N perturbations δ of the target states that bring W̃(e_t + δ) back to W e_t, ResAG frozen."""
+        config = self.config
+        self.attack_deltas = deltas.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW([self.attack_deltas], lr=config.adversarial_learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_restarts(config.warmup_steps, config.adversarial_iterations, 1))
+        self.resag.requires_grad_(False)
+        self.factors = self.bank.factors(self.resag)
+
+    def _advance(self) -> None:
+        """Move past every finished phase (ones of no steps too); a new attack draws its initial δ ≈ 0 here."""
+        config = self.config
+        while not self.done and self.position >= self._length():
+            if self.phase == "erase":
+                self.record.update({k: float(v) for k, v in self.terms.items()} if self._length() else {})
+                if self.attacks and self.stage < config.stages - 1:
+                    count, tokens, dim = config.adversarial_embeddings, self.targets.shape[1], self.targets.shape[2]
+                    bound = 1 / math.sqrt(dim) / dim**2  # ≈ 0: a uniform(±1/√d) init divided by d²
+                    draw = torch.rand(count, tokens, dim, generator=self.generator, device=self.device)
+                    self.phase, self.position = "attack", 0
+                    self._attack_optimizer((draw * 2 - 1) * bound)
+                    continue
+            else:
+                self.deltas, self.record["attack"] = self.attack_deltas.detach(), float(self.attack_loss)
+                self.attack_deltas = self.factors = None
+                self.resag.requires_grad_(True)
+            self.history.append(self.record)
+            self._start_stage(self.stage + 1)
+
+    def step(self) -> None:
+        """One optimiser step of the current phase (then on to the next phase if this one is done)."""
+        if self.done:
+            raise ErasekitError("this concept's training is finished")
+        if self.phase == "erase":
+            self._erase_step()
+        else:
+            self._attack_step()
+        self.position += 1
+        self.steps += 1
+        self._advance()
+
+    def _erase_step(self) -> None:
+        config, bank, resag, deltas = self.config, self.bank, self.resag, self.deltas
+        template = int(torch.randint(len(self.targets), (1,), generator=self.generator, device=self.device))
+        inputs = [self.targets[template : template + 1]]
+        x = [self.erase_x[template : template + 1]]
+        if deltas is not None:
+            inputs.append(self.targets[template : template + 1] + deltas)
+            x.append(self.erase_x[template : template + 1] - deltas)
+        if self.anchors is not None:
+            inputs.append(sample_anchors(self.anchors, self.anchor_norms, config, self.generator))
+        per_sample = bank.losses(resag.mixed(torch.cat(inputs)), resag.down, bank.factors(resag), x=torch.cat(x))
+        terms = {"erase": per_sample[0]}
+        loss = per_sample[0]
+        if deltas is not None:
+            terms["adversarial"] = per_sample[1 : 1 + len(deltas)].mean()
+            loss = loss + config.adversarial_weight * terms["adversarial"]
+        if self.anchors is not None:
+            terms["anchor"] = per_sample[len(x[0]) + (0 if deltas is None else len(deltas)):].mean()
+            loss = loss + config.anchor_weight * terms["anchor"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.terms = {k: v.detach() for k, v in terms.items()}
+
+    def _attack_step(self) -> None:
+        resag, deltas = self.resag, self.attack_deltas
+        template = int(torch.randint(len(self.targets), (1,), generator=self.generator, device=self.device))
+        z = resag.mixed(self.targets[template : template + 1] + deltas)
+        loss = self.bank.losses(z, resag.down, self.factors, x=-deltas).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.attack_loss = loss.detach()
+
+    def training_state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON) of everything the rest of the training depends on (names start with ``prefix``)."""
+        tensors = {f"{prefix}.resag.{name}": p for name, p in self.resag.named_parameters()}
+        if self.deltas is not None:
+            tensors[f"{prefix}.deltas"] = self.deltas
+        if self.attack_deltas is not None:
+            tensors[f"{prefix}.attack_deltas"] = self.attack_deltas
+        optimizer_tensors, optimizer_values = optimizer_state(f"{prefix}.optimizer", self.optimizer)
+        tensors.update(optimizer_tensors)
+        state = {
+            "stage": self.stage, "phase": self.phase, "position": self.position, "steps": self.steps,
+            "generator": generator_state(self.generator), "optimizer": optimizer_values, "schedule": self.schedule.state_dict(),
+            "history": self.history, "record": self.record, "terms": {k: float(v) for k, v in self.terms.items()},
+            "attack_loss": None if self.attack_loss is None else float(self.attack_loss),
+        }
+        return tensors, state
+
+    def load_state(self, prefix: str, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Continue from what :meth:`training_state` saved."""
+        with torch.no_grad():
+            for name, parameter in self.resag.named_parameters():
+                parameter.copy_(tensors[f"{prefix}.resag.{name}"])
+        self.deltas = tensors[f"{prefix}.deltas"].to(self.device) if f"{prefix}.deltas" in tensors else None
+        self.stage, self.phase = int(state["stage"]), state["phase"]
+        self.position, self.steps = int(state["position"]), int(state["steps"])
+        self.history, self.record, self.terms = list(state["history"]), dict(state["record"]), dict(state["terms"])
+        self.attack_loss = state["attack_loss"]
+        set_generator_state(self.generator, state["generator"])
+        if self.phase == "erase":
+            self.attack_deltas = self.factors = None
+            self.resag.requires_grad_(True)
+            self._erase_optimizer()
+        else:
+            self._attack_optimizer(tensors[f"{prefix}.attack_deltas"].to(self.device, copy=True))
+        load_optimizer_state(f"{prefix}.optimizer", self.optimizer, tensors, state["optimizer"])
+        self.schedule.load_state_dict(dict(state["schedule"]))
 
 
 def train_concept(bank: KVProjections, targets: torch.Tensor, neutrals: torch.Tensor, anchors: torch.Tensor | None,
                   config: CPEConfig, progress: bool = True, description: str = "cpe") -> tuple[ResAG, dict]:
-    """Train one concept's ResAG (research notes, B2) from text states.
-
-    ``targets`` and ``neutrals`` (P, T, d) are the templates filled with the concept and with the
-    neutral word (row p of one matches row p of the other), ``anchors`` (N, T, d) the anchor cache
-    (or None). No text encoder is needed: benchmarks pass random states.
-    """
-    device = bank.gram.device
-    targets, neutrals = targets.to(device, torch.float32), neutrals.to(device, torch.float32)
-    anchors = None if anchors is None or len(anchors) == 0 or config.anchor_weight == 0 else anchors.to(device, torch.float32)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    init_generator = torch.Generator().manual_seed(config.seed)
-    resag = ResAG(bank.dim, bank.out_dims, config.rank, config.gate_rank, config.alpha, config.gate_key_projection,
-                  init_generator, device)
-    erase_x = (1 + config.guidance) * (neutrals - targets)
-    anchor_norms = None if anchors is None else anchors.flatten(1).norm(dim=1)
-    attacks = config.adversarial_embeddings > 0 and config.adversarial_iterations > 0
-    total = config.first_stage_iterations + (config.stages - 1) * config.iterations
-    total += (config.stages - 1) * config.adversarial_iterations if attacks else 0
-    history = []
-    deltas = None
-    bar = tqdm(total=total, desc=description, disable=not progress, leave=False)
-    for stage in range(config.stages):
-        first = stage == 0
-        iterations = config.first_stage_iterations if first else config.iterations
-        optimizer = torch.optim.AdamW(resag.parameters(), lr=config.first_stage_learning_rate if first else config.learning_rate,
-                                      weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_with_restarts(config.warmup_steps, iterations, config.first_stage_cycles if first else 1))
-        record = {"stage": stage}
-        for _ in range(iterations):
-            template = int(torch.randint(len(targets), (1,), generator=generator, device=device))
-            inputs = [targets[template : template + 1]]
-            x = [erase_x[template : template + 1]]
-            if deltas is not None:
-                inputs.append(targets[template : template + 1] + deltas)
-                x.append(erase_x[template : template + 1] - deltas)
-            if anchors is not None:
-                inputs.append(sample_anchors(anchors, anchor_norms, config, generator))
-            per_sample = bank.losses(resag.mixed(torch.cat(inputs)), resag.down, bank.factors(resag), x=torch.cat(x))
-            terms = {"erase": per_sample[0]}
-            loss = per_sample[0]
-            if deltas is not None:
-                terms["adversarial"] = per_sample[1 : 1 + len(deltas)].mean()
-                loss = loss + config.adversarial_weight * terms["adversarial"]
-            if anchors is not None:
-                terms["anchor"] = per_sample[len(x[0]) + (0 if deltas is None else len(deltas)):].mean()
-                loss = loss + config.anchor_weight * terms["anchor"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    """Train one concept's ResAG from text states (see :class:`ConceptTrainer`); benchmarks pass random states."""
+    trainer = ConceptTrainer(bank, targets, neutrals, anchors, config)
+    with tqdm(total=trainer.total, desc=description, disable=not progress, leave=False) as bar:
+        while not trainer.done:
+            trainer.step()
             bar.update(1)
-        record.update({k: float(v.detach()) for k, v in terms.items()} if iterations else {})
-        if attacks and stage < config.stages - 1:
-            deltas, record["attack"] = attack(bank, resag, targets, config, generator, bar)
-        history.append(record)
-    bar.close()
-    return resag, {"stages": history}
+    return trainer.resag, {"stages": trainer.history}
 
 
 # ----------------------------------------------------------------------------------- the text
-def resolve_domain(model, config: CPEConfig) -> dict:
-    """The domain's text-side settings, with the config's own values where it sets them."""
-    domain = config.domain
-    if domain == "auto":
-        domain = "toy" if getattr(model, "kind", None) == "toy" else "celebrity"
-    if domain not in DOMAINS:
-        raise ErasekitError(f"unknown CPE domain {config.domain!r}; choose one of: auto, {', '.join(DOMAINS)}")
-    settings = dict(DOMAINS[domain], domain=domain)
-    for key in ("neutral", "templates", "anchors_file", "generic_anchors_file", "anchors_in_templates"):
-        if getattr(config, key) is not None:
-            settings[key] = getattr(config, key)
-    return settings
-
-
-def read_list(name: str, kind: str) -> list[str]:
-    """A bundled list (``data/<kind>_<name>.txt``) or a text file: one entry a line, # starts a comment."""
-    if not name:
-        return []
-    path = Path(name).expanduser()
-    if not path.is_file():
-        path = DATA_DIR / f"{kind}_{name}.txt"
-        if not path.is_file():
-            bundled = sorted(p.stem[len(kind) + 1:] for p in DATA_DIR.glob(f"{kind}_*.txt"))
-            raise ErasekitError(f"{name!r} is neither a file nor a bundled CPE {kind} list ({', '.join(bundled)})")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def toy_kind(concept: str) -> str:
-    """Which toy attribute a word names: "style" (a style's key, adjective or noun), "color", else "shape"."""
-    from erasekit.toy import world
-
-    if any(concept == key or concept in words for key, words in world.STYLE_WORDS.items()):
-        return "style"
-    return "color" if concept in world.COLOR_NAMES else "shape"
-
-
-def toy_templates(concept: str) -> list[str]:
-    """Every toy training caption with the concept's attribute left open ("{}") and the others filled in.
-
-    For a shape: 124 templates covering each colour and style; for a colour 114, for a style 78
-    (the captions that name the style by its adjective).
-    """
-    from erasekit.toy import world
-
-    slot = {"shape": "s", "color": "c", "style": "a"}[toy_kind(concept)]
-    captions = [*world.TRAIN_TEMPLATES_FULL, *world.TRAIN_TEMPLATES_NO_STYLE, *world.TRAIN_TEMPLATES_NO_COLOR,
-                *world.TRAIN_TEMPLATES_SHAPE_ONLY]
-    shapes = ["{}"] if slot == "s" else [words[0] for words in world.SHAPE_NAMES.values()]
-    colours = ["{}"] if slot == "c" else world.COLOR_NAMES
-    styles = [("{}", None)] if slot == "a" else list(world.STYLE_WORDS.values())
-    templates = []
-    for caption in captions:
-        if "{" + slot + "}" not in caption or (slot == "a" and "{n}" in caption):
-            continue
-        for shape in shapes if "{s}" in caption else [None]:
-            for colour in colours if "{c}" in caption else [None]:
-                for adjective, noun in styles if ("{a}" in caption or "{n}" in caption) else [(None, None)]:
-                    templates.append(caption.format(s=shape, c=colour, a=adjective, n=noun))
-    return list(dict.fromkeys(templates))
-
-
-def toy_anchors(concept: str) -> tuple[list[str], list[str]]:
-    """The toy's anchors: (the other names of the concept's attribute, for the templates; the other attributes' bare words)."""
-    from erasekit.toy import world
-
-    kind = toy_kind(concept)
-    shapes = [n for words in world.SHAPE_NAMES.values() if concept not in words for n in words]
-    colours = [c for c in world.COLOR_NAMES if c != concept]
-    styles = [w for key, pair in world.STYLE_WORDS.items() if concept != key and concept not in pair
-              for w in pair if w != "nothing"]
-    adjectives = [pair[0] for key, pair in world.STYLE_WORDS.items() if concept != key and concept not in pair]
-    if kind == "shape":
-        return shapes, colours + styles
-    if kind == "color":
-        return colours, list(world.SHAPES) + styles
-    return adjectives, list(world.SHAPES) + colours
-
-
-def toy_neutral(concept: str) -> str:
-    """The neutral word for a toy concept: "object" for shapes, "plain" for styles, "colored" for colours.
-
-    Not "shape": the toy model draws mostly triangles for it ("three-sided shape" is a triangle's name).
-    """
-    return {"shape": "object", "color": "colored", "style": "plain"}[toy_kind(concept)]
-
-
-def templates_for(settings: dict, config: CPEConfig, concept: str) -> list[str]:
+def templates_for(target: EraseTarget, config: CPEConfig) -> list[str]:
     """The concept's prompt templates, each with one "{}"."""
-    templates = toy_templates(concept) if settings["templates"] == "toy" else read_list(settings["templates"], "templates")
+    templates = read_list(config.templates, "templates") if config.templates is not None else list(target.templates)
     templates = list(dict.fromkeys(templates + list(config.extra_templates)))
     bad = [t for t in templates if t.count("{}") != 1]
     if bad or not templates:
@@ -568,25 +505,20 @@ def most_similar(model, concept: str, names: list[str], keep: int) -> list[str]:
     return [names[i] for i in order.tolist()]
 
 
-def anchor_prompts(model, concept: str, preserve: list[str], settings: dict, templates: list[str],
-                   config: CPEConfig) -> list[str]:
-    """The anchor prompts of one concept (see the module docstring); names containing the concept are dropped."""
-    lowered = concept.lower()
+def anchor_prompts(model, target: EraseTarget, templates: list[str], config: CPEConfig) -> list[str]:
+    """The anchor prompts of one target (see the module docstring); names containing the concept are dropped."""
+    lowered = target.concept.lower()
 
     def keep(names):
         return [n for n in names if lowered not in n.lower()]
 
-    extra = []
-    if settings["anchors_file"] == "toy":
-        candidates, extra = toy_anchors(concept)
-    else:
-        candidates = most_similar(model, concept, keep(read_list(settings["anchors_file"], "anchors")), config.similar_anchors)
-    names = list(dict.fromkeys(keep(read_list(settings["generic_anchors_file"], "anchors")) + keep(candidates) + list(preserve)))
-    prompts = [t.format(n) for n in names for t in templates] if settings["anchors_in_templates"] else names
-    return list(dict.fromkeys(prompts + extra))
+    candidates = read_list(config.anchors_file, "anchors") if config.anchors_file is not None else target.anchor_candidates
+    candidates = most_similar(model, target.concept, keep(candidates), config.similar_anchors)
+    names = list(dict.fromkeys(keep(target.anchors) + keep(candidates) + list(target.preserve)))
+    prompts = [t.format(n) for n in names for t in templates] if target.anchors_in_templates else names
+    return list(dict.fromkeys(prompts + list(target.anchor_prompts)))
 
 
-# ---------------------------------------------------------------------------------- the method
 def _check(config: CPEConfig) -> None:
     positive = {k: getattr(config, k) for k in ("rank", "gate_rank", "stages", "anchor_batch_size")}
     bad = [k for k, v in positive.items() if v < 1]
@@ -596,34 +528,116 @@ def _check(config: CPEConfig) -> None:
             if getattr(config, k) < 0]
     if bad:
         raise ErasekitError(f"CPE needs rank, gate_rank, stages, anchor_batch_size >= 1 and the rest >= 0; fix: {', '.join(bad)}")
+    if config.checkpoint_dir is not None and config.checkpoint_every < 1:
+        raise ErasekitError("checkpoint_every must be at least 1")
 
 
-def erase(model, concepts, preserve=(), config: CPEConfig | None = None, progress: bool = True) -> Erasure:
-    """Erase ``concepts`` with CPE: one ResAG per concept, trained on its own, stacked in one Erasure."""
+class CPETrainer:
+    """A CPE run: each target's :class:`ConceptTrainer` in turn; with ``checkpoint_dir`` its whole state
+    is saved every ``checkpoint_every`` steps (:mod:`erasekit.training`), and ``resume`` continues it.
+    """
+
+    def __init__(self, model, targets: list[EraseTarget], config: CPEConfig):
+        self._started = self._concept_started = time.perf_counter()
+        self.model, self.targets, self.config = model, list(targets), config
+        self.bank = KVProjections.from_model(model)
+        self.step = 0  # optimiser steps of the whole run
+        self.states: list[dict[str, torch.Tensor]] = []  # the finished concepts' ResAG states
+        self.info = {"projections": len(self.bank.names), "concepts": {}}
+        self.current: ConceptTrainer | None = None  # the concept in training, targets[len(states)]
+        self.current_info: dict = {}
+        self.seconds = self.concept_seconds = 0.0  # of earlier sessions of the run / of the current concept
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self._started
+
+    def checkpoint_key(self) -> dict:
+        """Everything that determines the run: concepts and their text side, settings, K/V weights, erasures already applied."""
+        text = [[t.concept, t.kind, t.neutral, t.templates, t.preserve, t.anchors, t.anchor_candidates, t.anchor_prompts,
+                 t.anchors_in_templates] for t in self.targets]
+        return {
+            "method": "cpe", "concepts": [t.concept for t in self.targets],
+            "text": hashlib.sha256(json.dumps(text).encode()).hexdigest()[:16],
+            "config": comparable(dataclasses.asdict(self.config), RESUMABLE_CHANGES),
+            "base": weights_digest(dict(zip(self.bank.names, self.bank.weights))),
+            "on_top_of": [(e.digest, scale) for e, scale in self.model.applied_erasures],
+        }
+
+    def _start_concept(self) -> None:
+        """Encode the next target's text side and set up its trainer."""
+        self._concept_started, self.concept_seconds = time.perf_counter(), 0.0
+        target, config, model = self.targets[len(self.states)], self.config, self.model
+        templates = templates_for(target, config)
+        concept_states = encode_states(model, [t.format(target.concept) for t in templates])
+        neutrals = encode_states(model, [t.format(target.neutral) for t in templates])
+        prompts = anchor_prompts(model, target, templates, config)
+        anchors = encode_states(model, prompts) if prompts else None
+        self.current = ConceptTrainer(self.bank, concept_states, neutrals, anchors, config)
+        self.current_info = {"kind": target.kind, "neutral": target.neutral, "templates": len(templates), "anchors": len(prompts)}
+
+    def _finish_concept(self) -> None:
+        seconds = self.concept_seconds + time.perf_counter() - self._concept_started
+        self.states.append(self.current.resag.state(self.bank.names))
+        self.info["concepts"][self.targets[len(self.states) - 1].concept] = {
+            **self.current_info, "seconds": round(seconds, 2), "stages": self.current.history}
+        self.current = None
+
+    def train(self, progress: bool = True) -> None:
+        """Run (or continue from the newest checkpoint) to the end."""
+        config = self.config
+        checkpoints, saved = resume_or_start(config, "cpe", self.checkpoint_key())
+        if saved is not None:
+            self.load_state(*saved)
+        while len(self.states) < len(self.targets):
+            index = len(self.states)
+            if self.current is None:
+                self._start_concept()
+            trainer = self.current
+            description = f"cpe {self.targets[index].concept!r} ({index + 1}/{len(self.targets)})"
+            with tqdm(total=trainer.total, initial=trainer.steps, desc=description, disable=not progress, leave=False) as bar:
+                while not trainer.done:
+                    trainer.step()
+                    self.step += 1
+                    bar.update(1)
+                    if trainer.done:
+                        self._finish_concept()
+                    if checkpoints is not None and self.step % config.checkpoint_every == 0:
+                        checkpoints.save(self.step, *self.training_state())
+            if self.current is trainer:  # a concept of no steps at all
+                self._finish_concept()
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON) between two steps: the finished concepts' ResAGs and info, the current concept's state."""
+        tensors = {f"done.{i}.{name}": value.clone() for i, state in enumerate(self.states) for name, value in state.items()}
+        state = {"step": self.step, "finished": len(self.states), "names": list(self.states[0]) if self.states else [],
+                 "info": self.info, "seconds": self.elapsed(), "concept": None}
+        if self.current is not None:
+            concept_tensors, concept_state = self.current.training_state("concept")
+            tensors.update(concept_tensors)
+            seconds = self.concept_seconds + time.perf_counter() - self._concept_started
+            state["concept"] = {**concept_state, "info": self.current_info, "seconds": seconds}
+        return tensors, state
+
+    def load_state(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        self.step, self.info = int(state["step"]), state["info"]
+        self.states = [{name: tensors[f"done.{i}.{name}"] for name in state["names"]} for i in range(int(state["finished"]))]
+        self.seconds, self._started = float(state["seconds"]), time.perf_counter()
+        self.current = None
+        if state["concept"] is not None:
+            self._start_concept()
+            self.current.load_state("concept", tensors, state["concept"])
+            self.current_info, self.concept_seconds = state["concept"]["info"], float(state["concept"]["seconds"])
+
+
+def erase(model, targets: list[EraseTarget], config: CPEConfig | None = None, progress: bool = True) -> Erasure:
+    """Erase the targets with CPE: one ResAG per concept, trained on its own, stacked in one Erasure (resumable)."""
     config = config or CPEConfig()
     _check(config)
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
-    started = time.perf_counter()
-    settings = resolve_domain(model, config)
-    bank = KVProjections.from_model(model)
-    states, info = [], {"domain": settings["domain"], "projections": len(bank.names), "concepts": {}}
-    for index, concept in enumerate(concepts):
-        concept_started = time.perf_counter()
-        templates = templates_for(settings, config, concept)
-        neutral = settings["neutral"] if settings["neutral"] is not None else toy_neutral(concept)
-        targets = encode_states(model, [t.format(concept) for t in templates])
-        neutrals = encode_states(model, [t.format(neutral) for t in templates])
-        prompts = anchor_prompts(model, concept, list(preserve), settings, templates, config)
-        anchors = encode_states(model, prompts) if prompts else None
-        resag, history = train_concept(bank, targets, neutrals, anchors, config, progress,
-                                       description=f"cpe {concept!r} ({index + 1}/{len(concepts)})")
-        states.append(resag.state(bank.names))
-        info["concepts"][concept] = {
-            "neutral": neutral, "templates": len(templates), "anchors": len(prompts),
-            "seconds": round(time.perf_counter() - concept_started, 2), **history,
-        }
-    info["seconds"] = round(time.perf_counter() - started, 2)
-    return build_erasure(model, concepts, states, config, info)
+    require(targets, "kind", "cpe")
+    trainer = CPETrainer(model, targets, config)
+    trainer.train(progress)
+    trainer.info["seconds"] = round(trainer.elapsed(), 2)
+    return build_erasure(model, [t.concept for t in trainer.targets], trainer.states, config, trainer.info)
 
 
 def build_erasure(model, concepts: list[str], states: list[dict[str, torch.Tensor]], config: CPEConfig, info=None) -> Erasure:
@@ -636,126 +650,3 @@ def build_erasure(model, concepts: list[str], states: list[dict[str, torch.Tenso
         method="cpe", concepts=list(concepts), base_model=model.name, config=dataclasses.asdict(config), modules=modules,
         module_type="cpe", base_signature=model_signature(model, kv_weights), info=dict(info or {}),
     )
-
-
-# ------------------------------------------------------------------------------- at inference
-class _Attached:
-    """One applied CPE erasure's tensors, on the model's device in float32, ready for routing."""
-
-    def __init__(self, erasure: Erasure, scale: float, device):
-        self.erasure, self.scale = erasure, scale
-        self.to(device)
-
-    def to(self, device) -> None:
-        """(Re)load the tensors onto ``device`` (the model may have moved since the erasure was applied)."""
-        tensors = {k: v.to(device, torch.float32) for k, v in self.erasure.modules.items()}
-        self.device = torch.device(device)
-        self.query, self.scaler, self.key = tensors["gate.query"], tensors["gate.scaler"], tensors.get("gate.key")
-        rank = next(v for k, v in tensors.items() if k.endswith(".down")).shape[-1]
-        self.coefficient = tensors["alpha"] / rank * self.scale  # (C,)
-        names = [k[: -len(".down")] for k in tensors if k.endswith(".down")]
-        self.pairs = {name: (tensors[f"{name}.down"], tensors[f"{name}.up"]) for name in names}
-
-    def residual(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        """Σ_c z_c D_c U_c (B, T, out) for projection ``name``; z (C, B, T, d) is zero where c is not routed."""
-        down, up = self.pairs[name]
-        return torch.einsum("cbtr,cro->bto", torch.einsum("cbtd,cdr->cbtr", z, down), up)
-
-
-class _Router:
-    """Every CPE erasure applied to one model; routes each token to the concept with the top gate."""
-
-    def __init__(self):
-        self.entries: list[_Attached] = []
-        self._cache = None  # (text states, their key, routed z per entry)
-
-    def clear_cache(self) -> None:
-        self._cache = None
-
-    @staticmethod
-    def _key(states: torch.Tensor):
-        try:
-            version = states._version
-        except RuntimeError:  # inference tensors have no version counter: do not cache
-            return None
-        return (states.data_ptr(), tuple(states.shape), states.stride(), states.dtype, states.device, version,
-                torch.is_grad_enabled())
-
-    def routed(self, states: torch.Tensor) -> list[torch.Tensor]:
-        """Per entry z (C, B, T, d) = (α/r)·scale·g·Ē on the tokens its concepts win, zero elsewhere."""
-        key = self._key(states)
-        if key is not None and self._cache is not None and self._cache[1] == key:
-            return self._cache[2]
-        text = states.float()
-        for entry in self.entries:
-            if entry.device != text.device:
-                entry.to(text.device)
-        gates, mixes = zip(*(gate_outputs(text, e.query, e.scaler, e.key) for e in self.entries))
-        all_gates = torch.cat(gates)  # (C_total, B, T)
-        winner = torch.nn.functional.one_hot(all_gates.argmax(0), all_gates.shape[0]).permute(2, 0, 1).to(text.dtype)
-        routed, start = [], 0
-        for entry, g, mixed in zip(self.entries, gates, mixes):
-            count = g.shape[0]
-            weight = winner[start : start + count] * g * entry.coefficient[:, None, None]
-            routed.append(weight[..., None] * mixed)
-            start += count
-        self._cache = None if key is None else (states, key, routed)
-        return routed
-
-
-class _LayerHook:
-    """The kv hook of one cross-attention layer: key/value plus the routed residuals."""
-
-    def __init__(self, router: _Router, path: str):
-        self.router, self.key_name, self.value_name = router, f"{path}.to_k", f"{path}.to_v"
-
-    def __call__(self, attn, text_states, key, value):
-        for entry, z in zip(self.router.entries, self.router.routed(text_states)):
-            key = key + entry.residual(self.key_name, z).to(key.dtype)
-            value = value + entry.residual(self.value_name, z).to(value.dtype)
-        return key, value
-
-
-def _router(layers: dict[str, torch.nn.Module]) -> _Router | None:
-    for attn in layers.values():
-        processor = attn.processor
-        if isinstance(processor, HookedCrossAttnProcessor) and HOOK_NAME in processor.kv_hooks:
-            return processor.kv_hooks[HOOK_NAME].router
-    return None
-
-
-@register_module_erasure("cpe")
-class CPEModules:
-    """Attaches and detaches CPE erasures (``Erasure.apply`` / ``remove`` call these)."""
-
-    @staticmethod
-    def attach(model, erasure: Erasure, scale: float = 1.0) -> None:
-        layers = model.cross_attention_layers()
-        entry = _Attached(erasure, scale, model.device)
-        for path, attn in layers.items():
-            for which, linear in (("to_k", attn.to_k), ("to_v", attn.to_v)):
-                pair = entry.pairs.get(f"{path}.{which}")
-                if pair is None or pair[0].shape[1] != linear.in_features or pair[1].shape[2] != linear.out_features:
-                    raise ErasekitError(
-                        f"this CPE erasure has no gate fitting {path}.{which}; it was made for another architecture")
-        if len(entry.pairs) != 2 * len(layers):
-            raise ErasekitError(
-                "this CPE erasure has gates for layers the model does not have; it was made for another architecture")
-        router = _router(layers)
-        if router is None:
-            router = _Router()
-            for path, attn in layers.items():
-                hooked_processor(attn).kv_hooks[HOOK_NAME] = _LayerHook(router, path)
-        router.entries.append(entry)
-        router.clear_cache()
-
-    @staticmethod
-    def detach(model, erasure: Erasure) -> None:
-        layers = model.cross_attention_layers()
-        router = _router(layers)
-        if router is None:
-            return
-        router.entries = [e for e in router.entries if e.erasure is not erasure]
-        router.clear_cache()
-        if not router.entries:
-            remove_hooks(layers, HOOK_NAME)

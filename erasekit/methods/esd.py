@@ -61,12 +61,8 @@ with float32 master weights for the trained subset (fp16 adds a gradient scaler)
 it is ignored with a warning. A model loaded in float16/bfloat16 trains its subset in
 float32 under autocast in its own dtype.
 
-**Checkpoints.** With ``checkpoint_dir`` set, every ``checkpoint_every`` iterations
-``esd-<iteration>.safetensors`` (the trained subset and Adam's state as flat tensors) and
-``esd-<iteration>.json`` (iteration, RNG state, losses, config) are written there, and the
-previous pair is deleted. ``resume=True`` continues from the newest complete pair and gives
-the same weights as an uninterrupted run with the same seed (on the CPU; CUDA kernels may
-differ in the last bits). Nothing is pickled.
+**Checkpoints** go through :mod:`erasekit.training`: with ``checkpoint_dir`` every
+``checkpoint_every`` iterations, and ``resume=True`` continues bit for bit (on the CPU).
 
 Presets (``PRESETS``):
 
@@ -77,70 +73,60 @@ Presets (``PRESETS``):
     the official diffusers rewrite (``esd_sd.py``): 200 iterations, Adam at 5e-5, η = 2,
     x_t sampled with the frozen model, bf16 autocast on a GPU.
 ``toy``
-    for the bundled 24x24 toy model: 200 iterations of ESD-x at batch 2, Adam at 3e-4, the
-    paper's η = 1, x_t from 10-step DDIM (sampling x_t is most of the cost; 25 steps or batch 4
-    erased no better). About 65 s of CPU time on one core. Measured at the toy model's sampling
-    defaults (guidance 2, 25 steps) on ``shape_prompts(per_shape=8)`` x 2 samples (16 images a
-    shape, paired seeds): with its default seed the triangle falls from 100% to 0% and no other
-    shape loses an image. The locality depends on the training seed: seeds 1 and 2 also erase
-    the triangle to 0% but cost the square 3 of its 16 images (100% -> 81%; seed 2 the star
-    too, 88% -> 75%). Tried and not better: η = 2 (the previous preset, tuned when the toy model
-    sampled at guidance 3) keeps the triangle at 0% but drops square, star and cross by 19-31
-    points; Adam at 2e-4 leaves 19% of triangles at seed 0; ``xattn-strict`` (keys and values
-    only) wrecks square and star (12% each).
+    for the bundled toy model: 200 iterations of ESD-x at batch 2, Adam at 3e-4, η = 1, x_t from
+    10-step DDIM (what it reaches and what was tried: ``docs/toy-presets.md``).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import json
-import os
-import re
 import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from erasekit.erasure import Erasure, parameter_signature
+from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import Conditioning
+from erasekit.targets import EraseTarget
+from erasekit.training import (
+    MIXED_PRECISION, CheckpointConfig, Precision, comparable, generator_state, load_optimizer_state, optimizer_state,
+    resume_or_start, set_generator_state, weights_digest,
+)
 
 PARAMETER_SETS = ("xattn", "noxattn", "full", "selfattn", "xattn-strict")
 PARAMETER_SET_ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full", "esd-x-strict": "xattn-strict"}
 # Top-level UNet modules ESD-u leaves alone: the time embedding(s) and the output layer (CompVis ``time_embed``, ``out.``).
 ESD_U_EXCLUDED = ("time_embedding", "time_emb", "add_embedding", "conv_norm_out", "conv_out")
 SAMPLE_WITH = ("trained", "frozen")
-MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class ESDConfig:
+class ESDConfig(CheckpointConfig):
     """ESD settings; the defaults are the paper's / CompVis code's (research notes, section 1.4)."""
 
-    iterations: int = 1000
-    learning_rate: float = 1e-5  # Adam
-    negative_guidance: float = 1.0  # η
-    batch_size: int = 1
-    start_guidance: float = 3.0  # classifier-free guidance while sampling x_t
-    ddim_steps: int = 50  # the DDIM schedule x_t is sampled on (eta 0)
-    resolution: int | None = None  # image side in pixels; None: the model's default (512 for SD 1.x)
-    parameter_set: str = "xattn"  # xattn (ESD-x), noxattn (ESD-u), full, selfattn, xattn-strict; see the module docstring
-    sample_with: str = "trained"  # which model samples x_t: "trained" (paper) or "frozen" (diffusers rewrite)
-    erase_from: str | None = None  # erase the concept from this broader prompt c_f instead of from itself
-    gradient_checkpointing: bool = False
-    mixed_precision: str | None = None  # None, "bf16" or "fp16" (CUDA autocast; ignored on a CPU)
-    checkpoint_every: int = 500  # iterations between checkpoints (only with checkpoint_dir)
-    checkpoint_dir: str | None = None
-    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
-    seed: int = 0
+    iterations: int = field(default=1000, metadata={"help": "Training iterations (optimiser steps).", "min": 1})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate of the trained parameters.", "gt": 0})
+    negative_guidance: float = field(default=1.0, metadata={"help": "η: how far the target is pushed away from the concept."})
+    batch_size: int = field(default=1, metadata={"help": "Latents per iteration (they share the concept and DDIM step).", "min": 1})
+    start_guidance: float = field(default=3.0, metadata={"help": "Classifier-free guidance while sampling x_t."})
+    ddim_steps: int = field(default=50, metadata={"help": "Steps of the DDIM schedule (eta 0) x_t is sampled on.", "min": 1})
+    resolution: int | None = field(default=None, metadata={
+        "help": "Image side in pixels (none: the model's default).", "min": 1})
+    parameter_set: str = field(default="xattn", metadata={
+        "help": "Which UNet parameters train: xattn (ESD-x), noxattn (ESD-u), full, selfattn or xattn-strict.",
+        "choices": (*PARAMETER_SETS, *PARAMETER_SET_ALIASES)})
+    sample_with: str = field(default="trained", metadata={
+        "help": "Which model samples x_t: trained (the paper) or frozen (the diffusers rewrite).", "choices": SAMPLE_WITH})
+    erase_from: str | None = field(default=None, metadata={
+        "help": "Erase the concept from this broader prompt c_f instead of from itself (none: from itself)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in the backward pass to save memory."})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "CUDA autocast precision: bf16 or fp16 (none: float32; ignored on a CPU).", "choices": ("bf16", "fp16")})
+    seed: int = field(default=0, metadata={"help": "Seed of the concept, timestep and noise draws."})
 
 
 CONFIG = ESDConfig
@@ -151,9 +137,6 @@ PRESETS = {
     "toy": {"iterations": 200, "learning_rate": 3e-4, "negative_guidance": 1.0, "batch_size": 2, "ddim_steps": 10},
 }
 
-# Settings a resumed run may change; every other one must match the checkpoint's.
-_RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "checkpoint_dir", "resume")
-_CHECKPOINT_NAME = re.compile(r"^esd-(\d{6,})\.json$")
 
 
 # ---------------------------------------------------------------------------- parameter sets
@@ -239,20 +222,6 @@ def _check_config(config: ESDConfig) -> None:
         raise ErasekitError(f"unknown ESD parameter_set {config.parameter_set!r}; choose one of: {choices}")
 
 
-def _generator_state_text(generator: torch.Generator) -> str:
-    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
-
-
-def _generator_state_tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class ESDTrainer:
     """One ESD run on a model handle: ``train()``, then ``deltas()``, then always ``close()``.
 
@@ -265,21 +234,14 @@ class ESDTrainer:
         _check_config(config)
         if not concepts:
             raise ErasekitError("no concept to erase; pass at least one concept")
-        self.model, self.concepts, self.config = model, list(concepts), config
+        self.model, self.concepts, self.config = model, concepts, config
         self.dtype = model.dtype  # before the trained subset may be upcast
         self.device = model.device
         unet = model.unet
         self.parameter_names = select_parameters(unet, config.parameter_set)
 
         # precision: float32 master weights for the trained subset, autocast for half precision
-        compute = MIXED_PRECISION[config.mixed_precision]
-        if compute is not None and self.device.type != "cuda":
-            warnings.warn(f"mixed_precision={config.mixed_precision!r} needs a CUDA device; training in {self.dtype} on {self.device.type}")
-            compute = None
-        if compute is None and self.dtype in (torch.float16, torch.bfloat16):
-            compute = self.dtype
-        self.compute_dtype = compute
-        self.scaler = torch.amp.GradScaler("cuda") if compute == torch.float16 and self.device.type == "cuda" else None
+        self.precision = Precision(config.mixed_precision, self.device, self.dtype)
 
         # conditioning, encoded once (before the UNet is touched)
         self.cond = [model.encode([c]) for c in self.concepts]
@@ -333,9 +295,7 @@ class ESDTrainer:
                     parameter.data = trained[name]
 
     def autocast(self):
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+        return self.precision.autocast()
 
     # ------------------------------------------------------------------- one update
     def target(self, x_t: torch.Tensor, t: torch.Tensor, concept_index: int) -> torch.Tensor:
@@ -359,14 +319,7 @@ class ESDTrainer:
         with self.autocast():
             prediction = self.model.predict_noise(x_t, t, trained_cond.repeat(x_t.shape[0]))
         loss = F.mse_loss(prediction.float(), target)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        self.precision.step(loss, self.optimizer)
         return float(loss.detach())
 
     def draw(self) -> tuple[int, int, torch.Tensor, torch.Tensor]:
@@ -399,8 +352,9 @@ class ESDTrainer:
     def train(self, progress: bool = True) -> None:
         """Run (or continue) to ``config.iterations``, checkpointing on the way if asked."""
         config = self.config
-        if config.resume:
-            self.load_checkpoint()
+        checkpoints, saved = resume_or_start(config, "esd", self.checkpoint_key())
+        if saved is not None:
+            self.load_state(*saved)
         bar = tqdm(
             total=config.iterations, initial=min(self.iteration, config.iterations),
             desc=f"ESD {', '.join(self.concepts)}", disable=not progress,
@@ -410,8 +364,8 @@ class ESDTrainer:
                 loss = self.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if config.checkpoint_dir is not None and self.iteration % config.checkpoint_every == 0:
-                    self.save_checkpoint()
+                if checkpoints is not None and self.iteration % config.checkpoint_every == 0:
+                    checkpoints.save(self.iteration, *self.training_state())
 
     # ------------------------------------------------------------------- the result
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -451,129 +405,53 @@ class ESDTrainer:
             "loss_curve": curve,
             "loss_window": window,
             "concept_counts": dict(zip(self.concepts, self.concept_counts)),
-            "precision": str(self.compute_dtype or self.dtype).replace("torch.", ""),
+            "precision": str(self.precision.compute_dtype or self.dtype).replace("torch.", ""),
             "device": self.device.type,
             "on_top_of": [e.fingerprint for e, _ in self.model.applied_erasures],
         }
 
     # ---------------------------------------------------------------- checkpoints
-    def _base_signature(self) -> dict:
-        names = sorted(self.parameter_names)[:8]
-        return {name: parameter_signature(self.frozen_values[name]) for name in names}
+    def checkpoint_key(self) -> dict:
+        """Everything that determines the run: concepts, settings (less iterations), the trained subset's base values."""
+        return {"method": "esd", "concepts": self.concepts, "config": comparable(dataclasses.asdict(self.config)),
+                "base": weights_digest(self.frozen_values),
+                "on_top_of": [(e.digest, scale) for e, scale in self.model.applied_erasures]}
 
-    def _comparable_config(self) -> dict:
-        values = dataclasses.asdict(self.config)
-        return {k: v for k, v in values.items() if k not in _RESUMABLE_CHANGES}
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON) that let a run continue bit for bit: trained values, Adam, RNG, history."""
+        tensors = {f"trained.{name}": parameter for name, parameter in self.parameters.items()}
+        adam, adam_values = optimizer_state("adam", self.optimizer)
+        tensors.update(adam)
+        state = {"iteration": self.iteration, "generator": generator_state(self.generator), "losses": self.losses,
+                 "concept_counts": self.concept_counts, "adam": adam_values, "grad_scaler": self.precision.state()}
+        return tensors, state
 
-    def save_checkpoint(self) -> Path:
-        """Write esd-<iteration>.safetensors and .json to checkpoint_dir; delete older ones."""
-        folder = Path(self.config.checkpoint_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"esd-{self.iteration:06d}"
-        tensors = {}
-        for name, parameter in self.parameters.items():
-            tensors[f"trained.{name}"] = parameter.detach().cpu().contiguous()
-            state = self.optimizer.state.get(parameter, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    tensors[f"adam.{key}.{name}"] = state[key].detach().cpu().contiguous()
-            if "step" in state:
-                tensors[f"adam.step.{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
-        meta = {
-            "iteration": self.iteration,
-            "generator_state": _generator_state_text(self.generator),
-            "losses": self.losses,
-            "concept_counts": self.concept_counts,
-            "concepts": self.concepts,
-            "config": dataclasses.asdict(self.config),
-            "base_signature": self._base_signature(),
-            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
-        _write_atomic(folder / f"{stem}.safetensors", lambda p: save_file(tensors, p, metadata={"iteration": str(self.iteration)}))
-        _write_atomic(folder / f"{stem}.json", lambda p: p.write_text(json.dumps(meta)))
-        for old in folder.glob("esd-*.*"):
-            match = re.match(r"^esd-(\d{6,})\.(json|safetensors)$", old.name)
-            if match and int(match.group(1)) < self.iteration:
-                old.unlink(missing_ok=True)
-        return folder / f"{stem}.safetensors"
-
-    def latest_checkpoint(self) -> Path | None:
-        """The newest esd-<iteration>.json in checkpoint_dir whose .safetensors is there too."""
-        folder = Path(self.config.checkpoint_dir)
-        found = []
-        for path in folder.glob("esd-*.json") if folder.is_dir() else []:
-            match = _CHECKPOINT_NAME.match(path.name)
-            if match and path.with_suffix(".safetensors").is_file():
-                found.append((int(match.group(1)), path))
-        return max(found)[1] if found else None
-
-    def load_checkpoint(self, path: str | Path | None = None) -> bool:
-        """Restore trained values, Adam state, RNG and history; False when there is no checkpoint yet."""
-        path = Path(path) if path is not None else self.latest_checkpoint()
-        if path is None:
-            return False
-        meta = json.loads(path.read_text())
-        if meta["concepts"] != self.concepts:
-            raise ErasekitError(f"the checkpoint in {path.parent} erases {meta['concepts']}, not {self.concepts}; use another checkpoint_dir")
-        saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_CHANGES}
-        current = self._comparable_config()
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if changed:
-            raise ErasekitError(
-                f"the checkpoint in {path.parent} was made with other settings ({', '.join(changed)}); "
-                "resume with the same settings (only iterations may change) or use another checkpoint_dir"
-            )
-        for name, values in meta["base_signature"].items():
-            if name not in self.frozen_values or not torch.allclose(
-                torch.tensor(parameter_signature(self.frozen_values[name])), torch.tensor(values), rtol=1e-4, atol=1e-5
-            ):
-                raise ErasekitError(f"the checkpoint in {path.parent} was made from other base weights ({name}); load the model it was made from")
-        with safe_open(str(path.with_suffix(".safetensors")), framework="pt") as f:
-            saved_iteration = int((f.metadata() or {}).get("iteration", -1))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if saved_iteration != int(meta["iteration"]):
-            raise ErasekitError(f"{path} and its .safetensors are from different iterations; delete the newer pair and resume again")
-        state = {}
+    def load_state(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
         with torch.no_grad():
-            for index, (name, parameter) in enumerate(self.parameters.items()):
-                key = f"trained.{name}"
-                if key not in tensors:
-                    raise ErasekitError(f"the checkpoint {path} has no value for {name}; it was made for another parameter_set or model")
-                parameter.data.copy_(tensors[key].to(parameter.device))
-                if f"adam.exp_avg.{name}" in tensors:
-                    state[index] = {
-                        "step": tensors[f"adam.step.{name}"].reshape(()).clone(),
-                        "exp_avg": tensors[f"adam.exp_avg.{name}"],
-                        "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"],
-                    }
-        optimizer_state = self.optimizer.state_dict()
-        optimizer_state["state"] = state
-        self.optimizer.load_state_dict(optimizer_state)
-        self.generator.set_state(_generator_state_tensor(meta["generator_state"]))
-        self.iteration = int(meta["iteration"])
-        self.losses = list(meta["losses"])
-        self.concept_counts = list(meta["concept_counts"])
-        if self.scaler is not None and meta.get("grad_scaler"):
-            self.scaler.load_state_dict(meta["grad_scaler"])
-        return True
+            for name, parameter in self.parameters.items():
+                parameter.data.copy_(tensors[f"trained.{name}"].to(parameter.device))
+        load_optimizer_state("adam", self.optimizer, tensors, state["adam"])
+        set_generator_state(self.generator, state["generator"])
+        self.iteration, self.losses = int(state["iteration"]), list(state["losses"])
+        self.concept_counts = list(state["concept_counts"])
+        self.precision.load_state(state["grad_scaler"])
 
 
-def erase(model, concepts: list[str], preserve=(), config: ESDConfig | None = None, progress: bool = True) -> Erasure:
-    """Erase ``concepts`` by ESD fine-tuning; returns an :class:`~erasekit.Erasure` of weight deltas.
+def erase(model, targets: list[EraseTarget], config: ESDConfig | None = None, progress: bool = True) -> Erasure:
+    """Erase the targets' concepts by ESD training (each concept's own prompt, ``target.prompts[0]``).
 
     Several concepts train in one run, one drawn per iteration. ESD has no preservation
-    term, so ``preserve`` must be empty. The model is returned unchanged.
+    term, so a target's ``preserve`` must be empty. The model is returned unchanged.
     """
     config = config or ESDConfig()
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    if list(preserve):
+    concepts = [t.concept for t in targets]
+    if any(t.preserve for t in targets):
         raise ErasekitError(
             "ESD has no preserve term (its loss only pushes the erased concept away); drop the preserve prompts, "
             "or use a method that preserves (uce, rece)"
         )
     started = time.time()
-    trainer = ESDTrainer(model, list(concepts), config)
+    trainer = ESDTrainer(model, concepts, config)
     try:
         trainer.train(progress=progress)
         deltas = trainer.deltas()
@@ -581,4 +459,4 @@ def erase(model, concepts: list[str], preserve=(), config: ESDConfig | None = No
     finally:
         trainer.close()
     info["seconds"] = round(time.time() - started, 2)
-    return Erasure.from_deltas(model, "esd", list(concepts), dataclasses.asdict(config), deltas=deltas, info=info)
+    return Erasure.from_deltas(model, "esd", concepts, dataclasses.asdict(config), deltas=deltas, info=info)

@@ -79,6 +79,9 @@ pitfalls R1-R5), on purpose:
 The eraser is an add-on: whoever holds the model file and the eraser file can simply not
 apply it (an open-weights caveat the CPE reviewers raised for Receler too).
 
+**Checkpoints** (``checkpoint_dir`` / ``checkpoint_every`` / ``resume``) go through :mod:`erasekit.training`;
+a resumed run ends with the uninterrupted run's erasers, bit for bit on the CPU.
+
 Presets (``PRESETS``):
 
 ``paper``
@@ -86,24 +89,9 @@ Presets (``PRESETS``):
     batch 1, rank 128, η = 1, start guidance 3, 50-step DDIM, λ = 0.1, τ = 0.1, 16x16 maps,
     50 attack steps of 16 vectors (Adam 0.1, weight decay 0.1) per eraser step.
 ``toy``
-    for the bundled 24x24 toy model; every value that differs from the paper, and why:
-    200 iterations at batch 2 with Adam at 1e-3 (the paper's 500 x 1 at 3e-4 is too slow on a
-    CPU; 2e-3 or more, or 300 iterations, erased no more and hurt other shapes; 6e-3 turned
-    circles into triangles), rank 32 (the toy's cross-attention is 64 wide, not 320-1280),
-    x_t on a 10-step DDIM schedule with ``timestep_coupling="aligned"`` (on a 10-step schedule
-    the released coupling puts x_t 200 timesteps away from t, not 40), 5 attack steps of 4
-    vectors per eraser step (its text encoder gives 24 token states, not 77; 50 steps would
-    be 10x the cost). Kept from the paper: η = 1, start guidance 3, λ = 0.1, τ = 0.1, the
-    latent / 4 maps (6x6). About 130 s of CPU time on one core.
-    Measured (seed 0, one core, the toy model's sampling defaults: guidance 2, 25 steps;
-    unerased in brackets): on ``shape_prompts(per_shape=8)`` x 4 samples the triangle falls
-    to 0 % (100 %), circle 100 % (100), cross 97 % (100), heart 97 % (100), square 94 % (100),
-    star 97 % (75): ESD-x's bar (<= 10 %, others within 10 points). On x 2 samples the
-    triangle is at 0 % too, the square at 88 % (100). Measured earlier, when the toy model
-    sampled at guidance 3 (per_shape=4 x 2): held-out paraphrases 6 % (69 %). Tried and not
-    better: lr 2e-3 to 6e-3 (6e-3 turned circles into triangles), 300 iterations, the
-    released coupling, η = 2, λ = 1 with τ = 0.5 (on the toy's diffuse 6x6 maps τ = 0.1 keeps
-    ~92 % of the map inside the mask, τ = 0.5 ~35 %), no attack steps, 16 vectors, batch 4.
+    for the bundled toy model: 200 iterations at batch 2, Adam at 1e-3, rank 32, 10-step DDIM with
+    ``timestep_coupling="aligned"``, 5 attack steps of 4 vectors (why each value and what it
+    reaches: ``docs/toy-presets.md``).
 """
 
 from __future__ import annotations
@@ -112,49 +100,61 @@ import contextlib
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
-from erasekit.erasure import Erasure, model_signature, register_module_erasure
+from erasekit.erasure import Erasure, model_signature
 from erasekit.errors import ErasekitError
+from erasekit.targets import EraseTarget
 from erasekit.models.attention import hooked_processor, remove_hooks
 from erasekit.models.handle import Conditioning
+from erasekit.modules.receler import Eraser, eraser_state
+from erasekit.training import (
+    CheckpointConfig, comparable, generator_state, load_optimizer_state, optimizer_state, resume_or_start,
+    set_generator_state, weights_digest,
+)
 
 TIMESTEP_COUPLINGS = ("official", "aligned")
 
 
 @dataclass
-class RecelerConfig:
+class RecelerConfig(CheckpointConfig):
     """Receler settings; the defaults are the released code's (research notes, Part A3)."""
 
-    iterations: int = 500  # eraser updates
-    learning_rate: float = 3e-4  # Adam on the erasers
-    eraser_rank: int = 128  # r
-    negative_guidance: float = 1.0  # η of the ESD target
-    batch_size: int = 1
-    start_guidance: float = 3.0  # classifier-free guidance while sampling x_t
-    ddim_steps: int = 50  # N: the DDIM schedule x_t is sampled on (eta 0)
-    timestep_coupling: str = "official"  # "official" (released code) or "aligned"; see the module docstring
-    resolution: int | None = None  # image side in pixels; None: the model's default
-    regularization_weight: float = 0.1  # λ of the concept-localised regularisation
-    mask_threshold: float = 0.1  # τ
-    mask_downsample: int = 4  # use the attention maps at latent side / this (SD-1.x: 64 / 4 = 16x16)
-    adversarial_steps: int = 50  # attack steps per eraser step; 0 trains without adversarial prompts
-    adversarial_tokens: int = 16  # K learnable vectors spliced after the concept's tokens
-    adversarial_learning_rate: float = 0.1  # Adam on the vectors
-    adversarial_weight_decay: float = 0.1
-    seed: int = 0
+    iterations: int = field(default=500, metadata={"help": "Eraser updates (optimiser steps).", "min": 1})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Adam learning rate of the erasers.", "gt": 0})
+    eraser_rank: int = field(default=128, metadata={"help": "r: the bottleneck width of each eraser.", "min": 1})
+    negative_guidance: float = field(default=1.0, metadata={"help": "η of the ESD target: how far it is pushed from the concept."})
+    batch_size: int = field(default=1, metadata={"help": "Latents per eraser update.", "min": 1})
+    start_guidance: float = field(default=3.0, metadata={"help": "Classifier-free guidance while sampling x_t."})
+    ddim_steps: int = field(default=50, metadata={"help": "N: steps of the DDIM schedule (eta 0) x_t is sampled on.", "min": 1})
+    timestep_coupling: str = field(default="official", metadata={
+        "help": "How the training timestep follows the DDIM step: official (the released code) or aligned.",
+        "choices": TIMESTEP_COUPLINGS})
+    resolution: int | None = field(default=None, metadata={"help": "Image side in pixels (none: the model's default).", "min": 1})
+    regularization_weight: float = field(default=0.1, metadata={
+        "help": "λ of the concept-localised regularisation that keeps the erasers off non-concept regions.", "min": 0})
+    mask_threshold: float = field(default=0.1, metadata={
+        "help": "τ: attention above it marks the concept's region in the mask.", "min": 0, "max": 1})
+    mask_downsample: int = field(default=4, metadata={
+        "help": "Use the attention maps at the latent side divided by this.", "min": 1})
+    adversarial_steps: int = field(default=50, metadata={
+        "help": "Adversarial prompt steps per eraser update (0: no adversarial prompts).", "min": 0})
+    adversarial_tokens: int = field(default=16, metadata={
+        "help": "K: learnable vectors spliced after the concept's tokens.", "min": 1})
+    adversarial_learning_rate: float = field(default=0.1, metadata={"help": "Adam learning rate of the adversarial vectors.", "gt": 0})
+    adversarial_weight_decay: float = field(default=0.1, metadata={"help": "Adam weight decay of the adversarial vectors.", "min": 0})
+    seed: int = field(default=0, metadata={"help": "Seed of the eraser initialisation and the training draws."})
 
 
 CONFIG = RecelerConfig
 
 PRESETS = {
     "paper": {},
-    # why each toy value differs from the paper, and what it reaches: the module docstring, ``toy``
+    # why each toy value differs from the paper, and what it reaches: docs/toy-presets.md
     "toy": {
         "iterations": 200, "learning_rate": 1e-3, "batch_size": 2, "eraser_rank": 32, "ddim_steps": 10,
         "timestep_coupling": "aligned", "adversarial_steps": 5, "adversarial_tokens": 4,
@@ -163,92 +163,9 @@ PRESETS = {
 
 
 # ------------------------------------------------------------------------------- the eraser
-class Eraser(nn.Module):
-    """E(o) = up(GELU(down(o))): Linear(dim -> rank), GELU, Linear(rank -> dim); ``up`` starts at zero."""
-
-    def __init__(self, dim: int, rank: int, generator: torch.Generator | None = None):
-        super().__init__()
-        self.down = nn.Linear(dim, rank)
-        self.up = nn.Linear(rank, dim)
-        with torch.no_grad():
-            bound = 1 / math.sqrt(dim)  # torch's default Linear init, but from our generator (seeded)
-            self.down.weight.copy_(torch.rand(rank, dim, generator=generator) * 2 * bound - bound)
-            self.down.bias.copy_(torch.rand(rank, generator=generator) * 2 * bound - bound)
-            self.up.weight.zero_()
-            self.up.bias.zero_()
-
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
-        return self.up(F.gelu(self.down(o)))
-
-
-def eraser_state(erasers: dict[str, Eraser]) -> dict[str, torch.Tensor]:
-    """Flat float32 CPU tensors ``<attention path>.{down,up}.{weight,bias}`` (an Erasure's ``modules``)."""
-    return {
-        f"{path}.{key}": value.detach().float().cpu().contiguous()
-        for path, eraser in erasers.items() for key, value in eraser.state_dict().items()
-    }
-
-
-def erasers_from_state(modules: dict[str, torch.Tensor]) -> dict[str, Eraser]:
-    """The inverse of :func:`eraser_state`."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in modules.items():
-        path, layer, kind = key.rsplit(".", 2)
-        grouped.setdefault(path, {})[f"{layer}.{kind}"] = value
-    erasers = {}
-    for path, state in grouped.items():
-        if set(state) != {"down.weight", "down.bias", "up.weight", "up.bias"}:
-            raise ErasekitError(f"the Receler eraser for {path} is incomplete ({sorted(state)}); the erasure file is damaged")
-        rank, dim = state["down.weight"].shape
-        eraser = Eraser(dim, rank)
-        eraser.load_state_dict({k: v.float() for k, v in state.items()})
-        erasers[path] = eraser.requires_grad_(False).eval()
-    return erasers
-
-
 def eraser_parameter_count(dims: list[int], rank: int) -> int:
     """Values in the erasers of layers with these widths: 2 r d + r + d each (257 d + 128 at r = 128)."""
     return sum(2 * rank * d + rank + d for d in dims)
-
-
-def hook_name(erasure: Erasure) -> str:
-    return f"receler-{id(erasure)}"
-
-
-def _inference_hook(eraser: Eraser, scale: float):
-    def hook(attn, out):
-        return out + scale * eraser(out.float()).to(out.dtype)
-
-    return hook
-
-
-@register_module_erasure("receler")
-class RecelerModules:
-    """Puts a Receler erasure's erasers on a model (output hooks) and takes them off."""
-
-    @staticmethod
-    def attach(model, erasure: Erasure, scale: float) -> None:
-        erasers = erasers_from_state(erasure.modules)
-        layers = model.cross_attention_layers()
-        for path, eraser in erasers.items():  # check everything before touching the model
-            if path not in layers:
-                raise ErasekitError(
-                    f"the model has no cross-attention layer {path!r}; this Receler erasure was made for another architecture"
-                )
-            width = layers[path].to_out[0].out_features
-            if eraser.down.in_features != width:
-                raise ErasekitError(
-                    f"{path} is {width} wide in the model but {eraser.down.in_features} in this Receler erasure; "
-                    "it was made for another architecture"
-                )
-        name = hook_name(erasure)
-        for path, eraser in erasers.items():
-            eraser.to(model.device)
-            hooked_processor(layers[path]).output_hooks[name] = _inference_hook(eraser, scale)
-
-    @staticmethod
-    def detach(model, erasure: Erasure) -> None:
-        remove_hooks(model.cross_attention_layers(), hook_name(erasure))
 
 
 # ------------------------------------------------------------------- where each layer sits
@@ -369,6 +286,8 @@ def _check_config(config: RecelerConfig) -> None:
         raise ErasekitError(f"mask_threshold must be in [0, 1], not {config.mask_threshold}")
     if config.mask_downsample < 1:
         raise ErasekitError("mask_downsample must be at least 1")
+    if config.checkpoint_dir is not None and config.checkpoint_every < 1:
+        raise ErasekitError("checkpoint_every must be at least 1")
 
 
 class RecelerTrainer:
@@ -382,7 +301,7 @@ class RecelerTrainer:
         _check_config(config)
         if not concepts:
             raise ErasekitError("no concept to erase; pass at least one concept")
-        self.model, self.concepts, self.config = model, list(concepts), config
+        self.model, self.concepts, self.config = model, concepts, config
         self.device = model.device
         self.generator = torch.Generator().manual_seed(config.seed)
         self.name = f"receler-train-{id(self)}"
@@ -579,15 +498,25 @@ class RecelerTrainer:
         return losses
 
     def train(self, progress: bool = True) -> None:
-        bar = tqdm(total=self.config.iterations, desc=f"Receler {', '.join(self.concepts)}", disable=not progress)
+        """Run (or continue) to ``config.iterations``, checkpointing on the way if asked."""
+        config = self.config
+        checkpoints, saved = resume_or_start(config, "receler", self.checkpoint_key())
+        if saved is not None:
+            self.load_state(*saved)
+        bar = tqdm(
+            total=config.iterations, initial=min(self.iteration, config.iterations),
+            desc=f"Receler {', '.join(self.concepts)}", disable=not progress,
+        )
         with bar:
-            while self.iteration < self.config.iterations:
+            while self.iteration < config.iterations:
                 losses = self.step()
                 bar.update(1)
                 postfix = {"loss": f"{losses['loss']:.4f}", "reg": f"{losses['regularization']:.2e}"}
-                if self.config.adversarial_steps:
+                if config.adversarial_steps:
                     postfix["attack"] = f"{losses['attack']:.4f}"
                 bar.set_postfix(postfix)
+                if checkpoints is not None and self.iteration % config.checkpoint_every == 0:
+                    checkpoints.save(self.iteration, *self.training_state())
 
     # ------------------------------------------------------------------------ the result
     def state(self) -> dict[str, torch.Tensor]:
@@ -628,24 +557,76 @@ class RecelerTrainer:
             "on_top_of": [e.fingerprint for e, _ in self.model.applied_erasures],
         }
 
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_key(self) -> dict:
+        """Everything that determines the run: concepts, settings (less iterations), the frozen teacher.
 
-def erase(model, concepts: list[str], preserve=(), config: RecelerConfig | None = None, progress: bool = True) -> Erasure:
-    """Erase ``concepts`` by training Receler erasers; returns an :class:`~erasekit.Erasure` of eraser modules.
+        The teacher is the cross-attention layers' base weights (the ones the erasers sit on) and
+        the erasures already applied to the model.
+        """
+        original = self.model.original_parameters
+        base = {name: original.get(name, value) for path, attn in self.layers.items()
+                for name, value in attn.named_parameters(prefix=path)}
+        return {"method": "receler", "concepts": self.concepts, "config": comparable(dataclasses.asdict(self.config)),
+                "base": weights_digest(base), "on_top_of": [(e.digest, scale) for e, scale in self.model.applied_erasures]}
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON) that let a run continue bit for bit: erasers, adversarial vectors, every Adam, RNG, history."""
+        tensors = {f"eraser.{path}.{name}": parameter
+                   for path, eraser in self.erasers.items() for name, parameter in eraser.named_parameters()}
+        adam, adam_values = optimizer_state("adam", self.optimizer)
+        tensors.update(adam)
+        adversarial_values = []
+        for index, (vectors, optimizer) in enumerate(zip(self.adversarial, self.adversarial_optimizers)):
+            tensors[f"adversarial.{index}"] = vectors
+            adversarial_adam, values = optimizer_state(f"adversarial_adam.{index}", optimizer)
+            tensors.update(adversarial_adam)
+            adversarial_values.append(values)
+        history = {key: [None if v != v else v for v in values] for key, values in self.history.items()}  # NaN -> null
+        state = {"iteration": self.iteration, "generator": generator_state(self.generator), "history": history,
+                 "concept_counts": self.concept_counts, "adam": adam_values, "adversarial_adam": adversarial_values}
+        return tensors, state
+
+    def load_state(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Restore :meth:`training_state` in place (the optimizers keep pointing at the same tensors)."""
+        try:
+            with torch.no_grad():
+                for path, eraser in self.erasers.items():
+                    for name, parameter in eraser.named_parameters():
+                        parameter.copy_(tensors[f"eraser.{path}.{name}"].to(parameter.device))
+                for index, vectors in enumerate(self.adversarial):
+                    vectors.copy_(tensors[f"adversarial.{index}"].to(vectors.device))
+            load_optimizer_state("adam", self.optimizer, tensors, state["adam"])
+            for index, optimizer in enumerate(self.adversarial_optimizers):
+                load_optimizer_state(f"adversarial_adam.{index}", optimizer, tensors, state["adversarial_adam"][index])
+            set_generator_state(self.generator, state["generator"])
+            self.iteration = int(state["iteration"])
+            self.history = {key: [float("nan") if v is None else float(v) for v in state["history"][key]]
+                            for key in self.history}
+            self.concept_counts = [int(c) for c in state["concept_counts"]]
+        except (KeyError, IndexError, RuntimeError) as error:
+            raise ErasekitError(
+                f"the Receler checkpoint at step {step} does not fit this run ({type(error).__name__}: {error}); "
+                "use another checkpoint_dir"
+            ) from None
+
+
+def erase(model, targets: list[EraseTarget], config: RecelerConfig | None = None, progress: bool = True) -> Erasure:
+    """Erase the targets' concepts by Receler training (each concept's own prompt, ``target.prompts[0]``).
 
     Several concepts share one set of erasers, one concept drawn per iteration (each has its
     own adversarial vectors). Receler has no preserve prompts (locality comes from the
-    concept mask), so ``preserve`` must be empty. The model is returned unchanged.
+    concept mask), so a target's ``preserve`` must be empty. The model is returned unchanged.
     """
     config = config or RecelerConfig()
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    if list(preserve):
+    concepts = [t.concept for t in targets]
+    if any(t.preserve for t in targets):
         raise ErasekitError(
             "Receler has no preserve prompts (its concept-localised regularisation keeps other content); "
             "drop the preserve prompts, or use a method that preserves (uce, rece)"
         )
     started = time.time()
-    trainer = RecelerTrainer(model, list(concepts), config)
+    trainer = RecelerTrainer(model, concepts, config)
     try:
         trainer.train(progress=progress)
         modules = trainer.state()
@@ -655,6 +636,6 @@ def erase(model, concepts: list[str], preserve=(), config: RecelerConfig | None 
     info["seconds"] = round(time.time() - started, 2)
     signature_names = [f"{path}.to_out.0.weight" for path in trainer.layers]
     return Erasure(
-        method="receler", concepts=list(concepts), base_model=model.name, config=dataclasses.asdict(config),
+        method="receler", concepts=concepts, base_model=model.name, config=dataclasses.asdict(config),
         modules=modules, module_type="receler", base_signature=model_signature(model, signature_names), info=info,
     )
