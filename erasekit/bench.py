@@ -34,19 +34,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import shutil
 import time
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from erasekit.config import check_config, parse_config
 from erasekit.errors import ErasekitError
 from erasekit.toy import world
+from erasekit.utils import WriteError, image_grid, save_png, write_json
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CONFIG = DATA_DIR / "bench_default.toml"
@@ -58,38 +58,30 @@ RESULTS_FORMAT = 1
 class BenchConfig:
     """What a benchmark runs. Defaults are small; the shipped TOML files set every field explicitly."""
 
-    methods: list[str] = field(default_factory=lambda: ["uce"])
-    concepts: list[str] = field(default_factory=lambda: ["triangle"])
-    attacks: list[str] = field(default_factory=lambda: ["paraphrase"])
-    name: str = "erasekit benchmark"
-    model: str = "toy"
-    preset: str = "toy"  # the methods' preset
-    # per attack name: the budget dict handed to run_attack (keys such as steps, prompts, samples, time_s)
-    attack_budgets: dict[str, dict] = field(default_factory=dict)
-    attack_original: bool = False  # also attack the unerased model (the attacks' ceiling)
-    erase_seed: int = 0
-    evaluate_seed: int = 0
-    attack_seed: int = 0
-    samples_per_prompt: int = 2  # evaluation images per prompt
-    # evaluation prompts (the toy protocol's settings): naming the concept, per other value of its
-    # attribute (locality), per held-out paraphrase
-    prompts_per_concept: int = 4
-    prompts_per_other_value: int = 2
-    held_out_per_word: int = 2
-    grid_seeds: int = 4  # columns of the before/after grids
+    methods: list[str] = field(default_factory=lambda: ["uce"], metadata={"help": "The erasure methods to run."})
+    concepts: list[str] = field(default_factory=lambda: ["triangle"], metadata={
+        "help": "Toy concepts to erase: shapes, styles (key or caption adjective) or colours."})
+    attacks: list[str] = field(default_factory=lambda: ["paraphrase"], metadata={"help": "The attacks run on every erasure."})
+    name: str = field(default="erasekit benchmark", metadata={"help": "The benchmark's title in the report."})
+    model: str = field(default="toy", metadata={"help": "The base model (only the bundled toy model is supported)."})
+    preset: str = field(default="toy", metadata={"help": "The preset of every method's config."})
+    attack_budgets: dict[str, dict] = field(default_factory=dict, metadata={
+        "help": "Per attack name: the budget handed to run_attack (keys such as steps, prompts, samples, time_s)."})
+    attack_original: bool = field(default=False, metadata={"help": "Also attack the unerased model (the attacks' ceiling)."})
+    erase_seed: int = field(default=0, metadata={"help": "Seed of the erasures."})
+    evaluate_seed: int = field(default=0, metadata={"help": "Seed of the evaluation images."})
+    attack_seed: int = field(default=0, metadata={"help": "Seed of the attacks."})
+    samples_per_prompt: int = field(default=2, metadata={"help": "Evaluation images per prompt.", "min": 1})
+    prompts_per_concept: int = field(default=4, metadata={"help": "Evaluation prompts naming the erased concept.", "min": 1})
+    prompts_per_other_value: int = field(default=2, metadata={
+        "help": "Evaluation prompts per other value of the concept's attribute (locality).", "min": 1})
+    held_out_per_word: int = field(default=2, metadata={"help": "Evaluation prompts per held-out paraphrase.", "min": 1})
+    grid_seeds: int = field(default=4, metadata={"help": "Columns of the before/after grids.", "min": 1})
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "BenchConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ErasekitError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
-        for key, value in values.items():
-            expected = typing.get_origin(hints[key]) or hints[key]
-            if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-                raise ErasekitError(f"{source}: {key} = {value!r} should be a {expected.__name__}")
-        return cls(**values)
+        """The config from TOML (or Python) values, typed and checked by the fields; ``source`` names the file."""
+        return parse_config(cls, values, source=source, strings=False)
 
     @classmethod
     def from_toml(cls, path: str | Path, quick: bool = False) -> "BenchConfig":
@@ -138,9 +130,7 @@ class BenchConfig:
                     make_attack(attack, self.attack_budgets.get(attack))  # fails on a budget key the attack does not have
                 except ErasekitError as error:
                     raise ErasekitError(f"attack_budgets.{attack}: {error}") from None
-        for key in ("samples_per_prompt", "prompts_per_concept", "prompts_per_other_value", "held_out_per_word", "grid_seeds"):
-            if getattr(self, key) < 1:
-                raise ErasekitError(f"{key} must be at least 1")
+        check_config(self, "benchmark config")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,18 +151,12 @@ class ToyConcept:
 
 
 def toy_concept(text: str) -> ToyConcept:
-    """Resolve a toy shape (any of its training names), style (key or adjective) or colour."""
-    text = text.strip()
-    for shape, names in world.SHAPE_NAMES.items():
-        if text == shape or text in names:
-            return ToyConcept(shape, "shape", names[0])
-    for style, (adjective, noun) in world.STYLE_WORDS.items():
-        if text in (style, adjective) and style != "plain":
-            return ToyConcept(style, "style", adjective)
-    if text in world.COLOR_NAMES:
-        return ToyConcept(text, "color", text)
-    choices = [*world.SHAPES, *[s for s in world.STYLES if s != "plain"], *world.COLOR_NAMES]
-    raise ErasekitError(f"{text!r} is not a toy concept; choose a shape, style or colour: {', '.join(choices)}")
+    """A toy concept for the bench (:func:`erasekit.toy.world.parse_concept`; the plain style is no concept to erase)."""
+    attribute, value = world.parse_concept(text)
+    if (attribute, value) == ("style", "plain"):
+        raise ErasekitError(f"{text!r} is the toy world's absence of a style, not a concept to erase; choose a shape, a colour "
+                            "or the stripes, dots or checkerboard style")
+    return ToyConcept(value, attribute, world.concept_word(attribute, value))
 
 
 # -------------------------------------------------------------- evaluation
@@ -213,14 +197,8 @@ def grid_prompts(concept: ToyConcept) -> list[str]:
 @torch.no_grad()
 def write_grid(model, prompts: list[str], seeds: list[int], path: Path) -> Path:
     """A PNG grid, one row per prompt and one column per seed, generated in one batch."""
-    from erasekit.toy.evaluate import image_grid
-
     images = model.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    image_grid(images, rows=len(prompts), labels=prompts).save(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_png(path, image_grid(images, rows=len(prompts), labels=prompts))
 
 
 # ------------------------------------------------------------------ runner
@@ -242,7 +220,7 @@ def _versions() -> dict:
     import diffusers
     import transformers
 
-    from erasekit import __version__
+    from erasekit.version import __version__
 
     return {"erasekit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), "platform": platform.platform()}
@@ -269,9 +247,8 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     """Run the benchmark into ``out`` (resumable) and write the report; returns the path of index.html."""
     from erasekit.erasure import Erasure
     from erasekit.eval.report import write_report
-    from erasekit.methods import erase
     from erasekit.models.loading import load_model
-    from erasekit.toy.evaluate import write_json
+    from erasekit.resolve import erase
 
     config.validate()
     out = Path(out)
@@ -308,7 +285,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         record = {"key": key, "concept": concept.name, "settings": settings, **metrics, "image": f"images/{key}.png",
                   "seconds": {"evaluate": evaluate_time[0], "grid": grid_time[0]},
                   "cpu_seconds": {"evaluate": evaluate_time[1], "grid": grid_time[1]}}
-        write_json(record, path)
+        write_json(path, record)
         bar.note(_metrics_line(record))
         return record
 
@@ -340,7 +317,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         marker = folder / "bench-settings.json"
         if folder.is_dir() and _read_json(marker) != settings:
             shutil.rmtree(folder)  # made with other settings: the attack's own resume must not pick it up
-        write_json(settings, marker)
+        write_json(marker, settings)
         clock = Stopwatch()
         try:
             result = run_attack(model, erasures, concept=concept.name, attack=attack, out=folder,
@@ -348,11 +325,13 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
             record = {"attack": attack, "success_rate": result.get("success_rate"), "n": result.get("n"),
                       "budget": result.get("budget"), "seed": result.get("seed", config.attack_seed),
                       "result": f"attacks/{key}/{attack}/result.json"}
+        except WriteError:  # a full disk is not a property of the attack: stop, record nothing
+            raise
         except ErasekitError as error:  # e.g. an attack that does not support this kind of concept
             record = {"attack": attack, "success_rate": None, "error": str(error)}
         record["settings"] = settings
         record["seconds"], record["cpu_seconds"] = clock.read()
-        write_json(record, path)
+        write_json(path, record)
         bar.note(f"success rate {_percent(record['success_rate'])}" if "error" not in record else f"not run: {record['error']}")
         return record
 
@@ -397,7 +376,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         "rows": rows,
         "timings": _timings(rows, load_time, time.perf_counter() - wall_start),
     }
-    write_json(results, out / "results.json")
+    write_json(out / "results.json", results)
     index = write_report(out)
     if progress:
         t = results["timings"]

@@ -37,7 +37,8 @@ def _load(args):
 def cmd_erase(args) -> None:
     import torch
 
-    from erasekit.methods import build_config, erase
+    from erasekit.methods import build_config
+    from erasekit.resolve import erase
 
     config = build_config(args.method, args.preset, _parse_sets(args.set))  # fail on bad --set before loading
     out = Path(args.out)
@@ -46,7 +47,8 @@ def cmd_erase(args) -> None:
     torch.manual_seed(args.seed)
     model = _load(args)
     start = time.perf_counter()
-    erasure = erase(model, args.method, args.concept, preserve=args.preserve or [], config=config)
+    erasure = erase(model, args.method, args.concept, preserve=args.preserve or [], kind=args.kind, guide=args.guide,
+                    config=config)
     erasure.info.setdefault("seconds", round(time.perf_counter() - start, 2))
     erasure.info.setdefault("seed", args.seed)
     path = erasure.save(out)
@@ -64,14 +66,15 @@ def cmd_generate(args) -> None:
 
 
 def cmd_toy_eval(args) -> None:
-    from erasekit.toy.evaluate import evaluate_toy, resolve_prompts, summary_lines, write_json
+    from erasekit.toy.evaluate import evaluate_toy, resolve_prompts, summary_lines
+    from erasekit.utils import write_json
 
     prompts = resolve_prompts(args.prompts)
     model = _load(args)
     result = evaluate_toy(model, prompts, samples_per_prompt=args.samples_per_prompt, seed=args.seed, guidance=args.guidance, steps=args.steps)
     print("\n".join(summary_lines(result)))
     if args.json:
-        write_json(result, args.json)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
 
 
@@ -102,7 +105,7 @@ def cmd_toy_train_classifier(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from erasekit.eval.protocols import describe_protocols, get_protocol
-    from erasekit.toy.evaluate import write_json
+    from erasekit.utils import write_json
 
     if args.list or args.protocol in (None, "list"):
         print("\n".join(describe_protocols()))
@@ -139,7 +142,7 @@ def cmd_evaluate(args) -> None:
             lines = [f"fid v{protocol.version}: {result['fid']:.2f} ({result['images']} images vs {result['reference']})"]
     print("\n".join(lines))
     if args.json:
-        write_json(result, args.json)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
 
 
@@ -154,7 +157,7 @@ def cmd_attack(args) -> None:
             raise ErasekitError(f"--budget {pair!r} is not key=value; write e.g. --budget steps=100 samples=2")
         key, value = pair.split("=", 1)
         budget[key.strip()] = value.strip()
-    attack = make_attack(args.attack, budget)  # fail on a bad name or --budget before loading
+    attack = make_attack(args.attack, budget, source="--budget")  # fail on a bad name or --budget before loading
     erasures = [Erasure.load(path) for path in args.erasure]
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     for erasure in erasures:
@@ -183,6 +186,41 @@ def cmd_demo(args) -> None:
     run_demo(out=args.out, quick=args.quick)
 
 
+def cmd_methods(args) -> None:
+    from erasekit.methods import METHODS, describe_method
+
+    names = [args.name] if args.name else list(METHODS)
+    print("\n\n".join(f"== {name} ==\n{describe_method(name)}" for name in names))
+
+
+def cmd_attacks(args) -> None:
+    from erasekit.attacks import ATTACKS, describe_attack
+
+    names = [args.name] if args.name else list(ATTACKS)
+    print("\n\n".join(f"== {name} ==\n{describe_attack(name)}" for name in names))
+
+
+def _config_help(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``erase --method M --help`` / ``attack --attack A --help``: put M's (A's) config listing after argparse's help."""
+    if not argv or argv[0] not in ("erase", "attack") or not {"-h", "--help"} & set(argv[1:]):
+        return
+    option = "--method" if argv[0] == "erase" else "--attack"
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument(option, dest="name")
+    name = peek.parse_known_args(argv[1:])[0].name
+    if not name:
+        return
+    try:
+        if argv[0] == "erase":
+            from erasekit.methods import describe_method as describe_config
+        else:
+            from erasekit.attacks import describe_attack as describe_config
+        text = describe_config(name)
+    except ErasekitError as error:
+        text = str(error)
+    parser.commands[argv[0]].epilog = text
+
+
 # -------------------------------------------------------------------- parser
 def _model_arguments(p, erasures: bool = True) -> None:
     p.add_argument("--model", default="toy", help="'toy' (default), a diffusers folder or a hub id")
@@ -197,11 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasekit", description="Erase concepts from text-to-image diffusion models, evaluate and attack the result.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("erase", help="erase concepts with one method and save the erasure file")
+    p = sub.add_parser("erase", help="erase concepts with one method and save the erasure file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="erasekit erase --method NAME --help (or erasekit methods NAME) lists the method's config keys and presets")
     _model_arguments(p, erasures=False)
     p.add_argument("--method", required=True, help="esd, uce, rece, receler or cpe")
     p.add_argument("--concept", action="append", required=True, help="a concept to erase (repeat for several)")
     p.add_argument("--preserve", action="append", help="a concept to keep intact (repeat for several)")
+    p.add_argument("--kind", default=None, help="what the concepts are: object, artist, person or nudity (on the toy "
+                   "model: shape, color, style); needed where the model's resolver cannot tell")
+    p.add_argument("--guide", default=None, help="the prompt an erased concept maps to, instead of its kind's "
+                   "(UCE and RECE; e.g. 'art' for artists)")
     p.add_argument("--out", required=True, help="the erasure file to write (.safetensors)")
     p.add_argument("--preset", default=None, help="a named preset of the method's config (every method has 'paper' and 'toy')")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config field (repeat)")
@@ -221,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("attack", help="red-team an erasure: run one attack and report its success rate (resumable)")
+    p = sub.add_parser("attack", help="red-team an erasure: run one attack and report its success rate (resumable)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="erasekit attack --attack NAME --help (or erasekit attacks NAME) lists the attack's budget keys")
     _model_arguments(p, erasures=False)
     p.add_argument("--erasure", action="append", required=True, help="the erasure .safetensors to attack (repeat for stacked erasures)")
     p.add_argument("--force", action="store_true", help="attack erasures made for another base model anyway")
@@ -256,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output", help="where the demo writes its files")
     p.add_argument("--quick", action="store_true", help="fewer images, for a smoke test")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the erasure methods' config keys (type, default, help) and presets")
+    p.add_argument("name", nargs="?", default=None, help="one method (default: all)")
+    p.set_defaults(run=cmd_methods)
+
+    p = sub.add_parser("attacks", help="list the attacks' budget keys (type, default, help)")
+    p.add_argument("name", nargs="?", default=None, help="one attack (default: all)")
+    p.set_defaults(run=cmd_attacks)
 
     toy = sub.add_parser("toy", help="the toy world: train, evaluate and look at the toy model").add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)
     p = toy.add_parser("eval", help="generate over a prompt set and score each attribute with the toy classifier")
@@ -292,11 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_toy_train_classifier)
+    parser.commands = sub.choices  # name -> subparser (for _config_help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    _config_help(parser, argv)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import erasekit
 from erasekit.attacks import ATTACKS, load_adversarial, make_attack, run_attack
@@ -251,7 +252,7 @@ def test_bad_input_is_reported_clearly(model, erasure):
         make_attack("gcg")
     with pytest.raises(ErasekitError, match="unknown budget key"):
         make_attack("p4d", {"populaton": 3})
-    with pytest.raises(ErasekitError, match="not a toy concept"):
+    with pytest.raises(ErasekitError, match="not a toy-world concept"):
         run_attack(model, [erasure], "Van Gogh", attack="paraphrase", progress=False)
     with pytest.raises(ErasekitError, match="variant"):
         run_attack(model, [erasure], "triangle", attack="p4d", budget={"variant": "Z", "prompts": 1}, progress=False)
@@ -290,3 +291,30 @@ def test_orderings_at_medium_budgets(model, erasure):
         unerased = run_attack(model, [], "triangle", attack=name, budget={**budget, **extra}, progress=False)["success_rate"]
         assert erased >= paraphrase + 0.25, (name, erased, paraphrase)
         assert unerased >= 0.75, (name, unerased)
+
+
+def test_textual_inversion_resumes_from_its_checkpoint_bit_for_bit(model, erasure, tmp_path, monkeypatch):
+    """Learning v* interrupted after 4 of 6 steps continues from its step-4 checkpoint to the uninterrupted v*."""
+    from erasekit.attacks import base
+
+    budget = {**SMALL, **OPTIMISING["textual-inversion"], "steps": 6, "checkpoint_every": 2, "prompts": 1, "samples": 1}
+    whole = tmp_path / "whole"
+    run_attack(model, [erasure], "triangle", attack="textual-inversion", out=whole, budget=budget, progress=False)
+    expected = load_file(str(whole / "textual_inversion.safetensors"))["embedding"]
+
+    cut, calls = tmp_path / "cut", []
+
+    def interrupted(self):  # asked once a learning step, after that step's checkpoint
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(base.AttackRun, "out_of_time", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(model, [erasure], "triangle", attack="textual-inversion", out=cut, budget=budget, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (cut / "textual_inversion").iterdir()) == ["v-000004.json", "v-000004.safetensors"]
+    assert not (cut / "textual_inversion.safetensors").exists()
+    run_attack(model, [erasure], "triangle", attack="textual-inversion", out=cut, budget=budget, progress=False)
+    assert torch.equal(load_file(str(cut / "textual_inversion.safetensors"))["embedding"], expected)

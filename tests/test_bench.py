@@ -11,7 +11,7 @@ from PIL import Image
 
 import erasekit.attacks
 import erasekit.bench
-import erasekit.methods
+import erasekit.resolve
 from erasekit.bench import DEFAULT_CONFIG, DEMO_CONFIG, BenchConfig, load_bench_config, run_bench, toy_concept
 from erasekit.cli import main
 from erasekit.errors import ErasekitError
@@ -47,7 +47,7 @@ def test_toy_concepts():
     assert toy_concept("triangle").erase_text == "triangle"
     stripes = toy_concept("striped")
     assert (stripes.name, stripes.attribute, stripes.erase_text) == ("stripes", "style", "striped")
-    with pytest.raises(ErasekitError, match="not a toy concept"):
+    with pytest.raises(ErasekitError, match="not a toy-world concept"):
         toy_concept("banana")
 
 
@@ -55,7 +55,7 @@ def test_toy_concepts():
     ("methods = ['uce']\nconcepts = ['triangle']\nsampels_per_prompt = 1\n", "unknown key.*sampels_per_prompt"),
     ("methods = ['uce']\nconcepts = ['triangle']\nsamples_per_prompt = 'two'\n", "samples_per_prompt.*int"),
     ("methods = ['magic']\nconcepts = ['triangle']\n", "unknown method 'magic'"),
-    ("methods = ['uce']\nconcepts = ['banana']\n", "not a toy concept"),
+    ("methods = ['uce']\nconcepts = ['banana']\n", "not a toy-world concept"),
     ("methods = ['uce']\nconcepts = ['triangle']\nattacks = ['magic']\n", "unknown attack 'magic'"),
     ("methods = ['uce']\nconcepts = ['triangle']\nattacks = []\n[attack_budgets.p4d]\nsteps = 1\n", "attack_budgets has 'p4d'"),
     ("methods = ['uce']\nconcepts = ['triangle']\nattacks = ['p4d']\n[attack_budgets.p4d]\nstpes = 1\n", "attack_budgets.p4d: unknown budget key 'stpes'"),
@@ -212,7 +212,7 @@ def test_bench_end_to_end_and_resume(tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("recomputed a cached unit")
 
-    monkeypatch.setattr(erasekit.methods, "erase", forbidden)
+    monkeypatch.setattr(erasekit.resolve, "erase", forbidden)
     monkeypatch.setattr(erasekit.bench, "evaluate_concept", forbidden)
     monkeypatch.setattr(erasekit.bench, "write_grid", forbidden)
     monkeypatch.setattr(erasekit.attacks, "run_attack", forbidden)

@@ -7,16 +7,25 @@ The slow test erases shapes from the trained toy model and scores them with the 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import erasekit
 from erasekit import Erasure
-from erasekit import erasure as erasure_module
-from erasekit.methods import cpe
+from erasekit.methods import build_config, cpe
+from erasekit.modules import cpe as cpe_modules
 from erasekit.models.attention import HookedCrossAttnProcessor
+from erasekit.targets import read_list, resolve_sd_targets
+from erasekit.toy import targets as toy_targets
+from erasekit.training import Checkpoints
 
 # Small enough to train in a few seconds on one CPU core; the gates still learn.
 FAST = {
@@ -26,7 +35,7 @@ FAST = {
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model_folder(tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
     from erasekit.models.toy import toy_unet_config, write_toy_folder
@@ -34,7 +43,12 @@ def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cpe") / "m"
     torch.manual_seed(0)
     write_toy_folder(folder, UNet2DConditionModel(**toy_unet_config()))
-    handle = erasekit.load_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_folder):
+    handle = erasekit.load_model(model_folder)
     yield handle
     assert not handle.applied_erasures
 
@@ -51,7 +65,7 @@ def random_erasure(model, concepts, seed: int, rank: int = 2, gate_rank: int = 4
     generator = torch.Generator().manual_seed(seed)
     states = []
     for _ in concepts:
-        resag = cpe.ResAG(bank.dim, bank.out_dims, rank, gate_rank, generator=generator)
+        resag = cpe_modules.ResAG(bank.dim, bank.out_dims, rank, gate_rank, generator=generator)
         with torch.no_grad():
             resag.query.copy_(0.3 * torch.randn(resag.query.shape, generator=generator))  # peaked token attention
             resag.scaler.copy_(0.5 * torch.randn(resag.scaler.shape, generator=generator))
@@ -91,7 +105,7 @@ def processor_types(model) -> dict[str, type]:
 def test_fresh_gate_changes_nothing(model):
     reference, types = unet_output(model), processor_types(model)
     bank = cpe.KVProjections.from_model(model)
-    fresh = cpe.ResAG(bank.dim, bank.out_dims, rank=1, gate_rank=16)
+    fresh = cpe_modules.ResAG(bank.dim, bank.out_dims, rank=1, gate_rank=16)
     states = model.encode(["a red triangle"]).hidden_states
     g, _ = fresh.gate(states)
     assert torch.equal(g, torch.full_like(g, 0.5))  # s = 0: every gate starts at 0.5
@@ -107,7 +121,7 @@ def test_fresh_gate_changes_nothing(model):
 
 def test_parameter_count_matches_the_paper_layout(model):
     bank = cpe.KVProjections.from_model(model)
-    resag = cpe.ResAG(bank.dim, bank.out_dims, rank=1, gate_rank=16)
+    resag = cpe_modules.ResAG(bank.dim, bank.out_dims, rank=1, gate_rank=16)
     # gate: A (d x r_g) + s (d); per projection: D (d x r) + U (r x out)
     expected = bank.dim * 16 + bank.dim + sum(bank.dim + out for out in bank.out_dims)
     assert sum(p.numel() for p in resag.parameters()) == expected
@@ -118,7 +132,7 @@ def test_input_space_losses_equal_the_projection_outputs(model):
     """The Gram-matrix form of the losses gives the same numbers (and gradients) as W x - ResAG(E) directly."""
     bank = cpe.KVProjections.from_model(model)
     generator = torch.Generator().manual_seed(1)
-    resag = cpe.ResAG(bank.dim, bank.out_dims, rank=2, gate_rank=8, generator=generator)
+    resag = cpe_modules.ResAG(bank.dim, bank.out_dims, rank=2, gate_rank=8, generator=generator)
     with torch.no_grad():
         resag.query.normal_(0, 0.05)
         resag.scaler.normal_(0, 0.5)
@@ -152,7 +166,7 @@ def test_training_moves_the_concept_towards_its_target_and_keeps_anchors(model, 
     guidance = trained.config["guidance"]
     templates = ["a red {} on a striped background", "a {} in blue", "a {}"]
     concept = model.encode([t.format("triangle") for t in templates]).hidden_states
-    neutral = model.encode([t.format(cpe.toy_neutral("triangle")) for t in templates]).hidden_states
+    neutral = model.encode([t.format(toy_targets.NEUTRALS["shape"]) for t in templates]).hidden_states
     anchors = model.encode(["a green circle on a dotted background", "a yellow star", "a heart in purple"]).hidden_states
     before_c, before_n, before_a = edited_kv(model, concept), edited_kv(model, neutral), edited_kv(model, anchors)
     trained.apply(model)
@@ -181,6 +195,121 @@ def test_erase_records_what_it_did(trained):
     shapes = {k: tuple(v.shape) for k, v in trained.modules.items()}
     assert shapes["gate.query"] == (1, 384, 16) and shapes["gate.scaler"] == (1, 384) and shapes["alpha"] == (1,)
     assert sum(k.endswith(".down") for k in shapes) == 14 and sum(k.endswith(".up") for k in shapes) == 14
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+# 2 concepts of 24 + 8 (attack) + 10 steps each: 84 steps; every piece of the state matters
+RESUMABLE = {**FAST, "max_templates": "3", "first_stage_iterations": "24", "iterations": "10", "adversarial_embeddings": "2",
+             "adversarial_iterations": "8", "anchor_batch_size": "4", "similar_anchors": "4", "seed": "5"}
+CONCEPTS = ["triangle", "circle"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model):
+    return erasekit.erase(model, "cpe", CONCEPTS, config=build_config("cpe", "toy", RESUMABLE), progress=False)
+
+
+def assert_same_run(erasure: Erasure, reference: Erasure) -> None:
+    assert list(erasure.modules) == list(reference.modules)
+    for name, value in reference.modules.items():
+        assert torch.equal(erasure.modules[name], value), name
+    assert list(erasure.info["concepts"]) == CONCEPTS
+    for concept, info in reference.info["concepts"].items():
+        assert {k: v for k, v in erasure.info["concepts"][concept].items() if k != "seconds"} == {
+            k: v for k, v in info.items() if k != "seconds"}
+
+
+def checkpoint_files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_interrupted_runs_resume_to_the_uninterrupted_result(model, uninterrupted, tmp_path, monkeypatch):
+    left = {"steps": 38}  # optimiser steps this session may take before it is "interrupted"
+    step = cpe.ConceptTrainer.step
+
+    def interruptible(self):
+        if left["steps"] == 0:
+            raise Interrupted
+        left["steps"] -= 1
+        step(self)
+
+    monkeypatch.setattr(cpe.ConceptTrainer, "step", interruptible)
+    folder = tmp_path / "ckpt"
+    config = dataclasses.replace(build_config("cpe", "toy", RESUMABLE), checkpoint_dir=str(folder), checkpoint_every=5)
+    with pytest.raises(Interrupted):
+        erasekit.erase(model, "cpe", CONCEPTS, config=config, progress=False)
+    assert checkpoint_files(folder) == ["cpe-000035.json", "cpe-000035.safetensors"]  # older pairs deleted
+    state = json.loads((folder / "cpe-000035.json").read_text())["state"]
+    assert state["finished"] == 0 and state["concept"]["stage"] == 1 and state["concept"]["phase"] == "erase"  # after δ
+    with pytest.raises(erasekit.ErasekitError, match="resume=true"):  # never overwrites the interrupted run
+        erasekit.erase(model, "cpe", CONCEPTS, config=config, progress=False)
+    resume = dataclasses.replace(config, resume=True)
+    for change in ({"guidance": 2.0}, {"iterations": 12}):  # iterations shapes the stages' schedules: no change either
+        with pytest.raises(erasekit.ErasekitError, match=next(iter(change))):
+            erasekit.erase(model, "cpe", CONCEPTS, config=dataclasses.replace(resume, **change), progress=False)
+    assert checkpoint_files(folder) == ["cpe-000035.json", "cpe-000035.safetensors"]
+
+    left["steps"] = 36  # resumed at 35, interrupted again at 71: the second concept's attack
+    with pytest.raises(Interrupted):
+        erasekit.erase(model, "cpe", CONCEPTS, config=resume, progress=False)
+    state = json.loads((folder / "cpe-000070.json").read_text())["state"]
+    assert state["finished"] == 1 and state["concept"]["stage"] == 0 and state["concept"]["phase"] == "attack"
+
+    left["steps"] = -1  # no more interruptions
+    assert_same_run(erasekit.erase(model, "cpe", CONCEPTS, config=resume, progress=False), uninterrupted)
+
+
+KILLED_RUN = """
+import json, sys, time
+import torch
+import erasekit
+from erasekit.methods import build_config, cpe
+
+folder, checkpoints, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+step = cpe.ConceptTrainer.step
+
+
+def slow_step(self):  # slow enough to be killed mid-run; the numbers are untouched
+    time.sleep(0.02)
+    step(self)
+
+
+cpe.ConceptTrainer.step = slow_step
+model = erasekit.load_model(folder)
+config = build_config("cpe", "toy", {**overrides, "checkpoint_dir": checkpoints, "checkpoint_every": "5"})
+erasekit.erase(model, "cpe", ["triangle", "circle"], config=config, progress=False)
+"""
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(model, model_folder, uninterrupted, tmp_path):
+    script, folder = tmp_path / "killed_run.py", tmp_path / "ckpt"
+    script.write_text(KILLED_RUN)
+    # the same thread count as this process, so that both compute the same bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen([sys.executable, str(script), str(model_folder), str(folder), json.dumps(RESUMABLE)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 120
+        while killed_at is None and process.poll() is None and time.monotonic() < deadline:
+            steps = [int(p.stem.split("-")[1]) for p in folder.glob("cpe-*.json")] if folder.is_dir() else []
+            if steps and max(steps) >= 55:  # in the second concept, 29 steps before the end
+                os.kill(process.pid, signal.SIGKILL)
+                killed_at = max(steps)
+            time.sleep(0.01)
+    finally:
+        if process.poll() is None and killed_at is None:
+            process.kill()
+        _, errors = process.communicate(timeout=60)
+    assert killed_at is not None and process.returncode == -signal.SIGKILL, errors.decode()[-2000:]
+    latest = Checkpoints(folder, "cpe", {}).latest()
+    assert killed_at <= int(latest.stem.split("-")[1]) < 84
+    config = build_config("cpe", "toy", {**RESUMABLE, "checkpoint_dir": str(folder), "checkpoint_every": "5", "resume": "true"})
+    assert_same_run(erasekit.erase(model, "cpe", CONCEPTS, config=config, progress=False), uninterrupted)
 
 
 # ------------------------------------------------------------------------------ several concepts
@@ -235,8 +364,8 @@ def test_stacked_erasures_route_each_token_to_the_top_gate(model):
 def test_gate_cache_is_reused_and_never_stale(model, monkeypatch):
     erasure = random_erasure(model, ["a"], seed=3)
     calls = []
-    original = cpe.gate_outputs
-    monkeypatch.setattr(cpe, "gate_outputs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = cpe_modules.gate_outputs
+    monkeypatch.setattr(cpe_modules, "gate_outputs", lambda *a, **k: calls.append(1) or original(*a, **k))
     states = model.encode(["a red triangle"]).hidden_states
     erasure.apply(model)
     try:
@@ -284,19 +413,6 @@ def test_save_load_apply_remove_round_trip(model, trained, tmp_path):
         torch.testing.assert_close(half[name] - before[name], 0.5 * (full[name] - before[name]), rtol=1e-4, atol=1e-6)
 
 
-def test_loading_registers_the_handler(model, trained, tmp_path, monkeypatch):
-    """A saved CPE erasure applies in a session that never imported erasekit.methods.cpe."""
-    path = trained.save(tmp_path / "t.safetensors")
-    monkeypatch.delitem(erasure_module.MODULE_ERASURES, "cpe")
-    monkeypatch.delitem(sys.modules, "erasekit.methods.cpe")
-    loaded = Erasure.load(path)
-    loaded.apply(model)
-    try:
-        assert "cpe" in erasure_module.MODULE_ERASURES
-    finally:
-        loaded.remove(model)
-
-
 def test_erasure_for_another_architecture_is_refused(model, tiny_sd_folder):
     sd = erasekit.load_model(tiny_sd_folder)
     erasure = random_erasure(model, ["a"], seed=4)
@@ -309,38 +425,50 @@ def test_erasure_for_another_architecture_is_refused(model, tiny_sd_folder):
 # --------------------------------------------------------------------------------- text side
 def test_bundled_lists_and_anchor_selection(model):
     for kind, name in [("anchors", "people"), ("anchors", "person_words"), ("anchors", "artists"), ("anchors", "art_words"),
-                       ("anchors", "sentences"), ("templates", "person"), ("templates", "art"), ("templates", "explicit")]:
-        entries = cpe.read_list(name, kind)
-        assert len(entries) >= 20 and len(set(entries)) == len(entries), name
+                       ("anchors", "sentences"), ("anchors", "objects"), ("anchors", "object_words"), ("templates", "person"),
+                       ("templates", "art"), ("templates", "explicit"), ("templates", "object")]:
+        entries = read_list(name, kind)
+        assert len(entries) >= (6 if name == "object_words" else 20) and len(set(entries)) == len(entries), name
         if kind == "templates":
             assert all(e.count("{}") == 1 for e in entries), name
-    settings = cpe.resolve_domain(model, cpe.CPEConfig(domain="celebrity"))
+    target = resolve_sd_targets(["Tom"], kind="celebrity", preserve=["a cat"])[0]
+    assert target.kind == "person" and target.neutral == "a person"
     config = cpe.CPEConfig(similar_anchors=5)
-    prompts = cpe.anchor_prompts(model, "Tom", ["a cat"], settings, ["a photo of {}", "{}"], config)
+    prompts = cpe.anchor_prompts(model, target, ["a photo of {}", "{}"], config)
     assert "Tom Hanks" not in prompts and "Tom Cruise" not in prompts  # names containing the concept are dropped
     assert "a photo of a cat" in prompts and "a person" in prompts
-    assert len(prompts) == 2 * (len(cpe.read_list("person_words", "anchors")) + 5 + 1)
+    assert len(prompts) == 2 * (len(read_list("person_words", "anchors")) + 5 + 1)
     with pytest.raises(erasekit.ErasekitError, match="bundled"):
-        cpe.read_list("no-such-list", "anchors")
+        read_list("no-such-list", "anchors")
 
 
-def test_toy_domain_defaults(model):
-    settings = cpe.resolve_domain(model, cpe.CPEConfig())
-    assert settings["domain"] == "toy"
-    templates = cpe.templates_for(settings, cpe.CPEConfig(), "triangle")
+def test_toy_targets_give_cpe_its_text_side(model):
+    target = erasekit.resolve_targets(model, ["triangle"])[0]
+    assert target.kind == "shape" and target.neutral == "object"
+    templates = cpe.templates_for(target, cpe.CPEConfig())
     assert len(templates) == 124 and "a red {} on a striped background" in templates
-    names, words = cpe.toy_anchors("triangle")
-    assert "circle" in names and "triangle" not in names and "three-sided shape" not in names
-    assert "red" in words and "striped" in words
-    assert cpe.toy_neutral("striped") == "plain" and cpe.toy_templates("striped")[0].count("{}") == 1
-    assert len(cpe.templates_for(settings, cpe.CPEConfig(max_templates=7), "triangle")) == 7
+    assert "circle" in target.anchors and "triangle" not in target.anchors and "three-sided shape" not in target.anchors
+    assert "red" in target.anchor_prompts and "striped" in target.anchor_prompts
+    striped = erasekit.resolve_targets(model, ["striped"])[0]
+    assert striped.neutral == "plain" and striped.templates[0].count("{}") == 1
+    assert len(cpe.templates_for(target, cpe.CPEConfig(max_templates=7))) == 7
 
 
 def test_bad_settings_fail_clearly(model):
     with pytest.raises(erasekit.ErasekitError, match="rank"):
         erasekit.erase(model, "cpe", ["triangle"], overrides={"rank": "0"})
     with pytest.raises(erasekit.ErasekitError, match="domain"):
-        erasekit.erase(model, "cpe", ["triangle"], overrides={"domain": "cars"}, progress=False)
+        erasekit.erase(model, "cpe", ["triangle"], overrides={"domain": "celebrity"}, progress=False)  # a resolver's, not CPE's
+    with pytest.raises(erasekit.ErasekitError, match="toy-world concept"):  # a typo is no shape
+        erasekit.erase(model, "cpe", ["triangel"], progress=False)
+
+
+def test_cpe_on_sd_needs_the_concepts_kind(tiny_sd_folder):
+    sd = erasekit.load_model(tiny_sd_folder)
+    with pytest.raises(erasekit.ErasekitError, match="--kind"):
+        erasekit.erase(sd, "cpe", ["cat"], progress=False)
+    with pytest.raises(erasekit.ErasekitError, match="--kind"):
+        erasekit.erase(sd, "cpe", ["cat"], kind="vehicle", progress=False)
 
 
 # ---------------------------------------------------------------------------- the trained toy

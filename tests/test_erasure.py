@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import erasekit.modules
 from erasekit import Erasure, ErasekitError, apply_erasures, load_model, save_pipeline
 from erasekit import erasure as erasure_module
 
@@ -313,7 +314,7 @@ class RecordingModules:
 
 
 def test_module_erasure_attaches_detaches_and_is_not_merged(sd_model, tmp_path, monkeypatch):
-    monkeypatch.setitem(erasure_module.MODULE_ERASURES, "recording", RecordingModules)
+    monkeypatch.setitem(erasekit.modules.MODULE_ERASURES, "recording", RecordingModules)
     monkeypatch.setattr(RecordingModules, "calls", [])
     gates = Erasure(method="gates", concepts=["cat"], base_model=sd_model.name, config={},
                     modules={"gate.weight": torch.ones(4)}, module_type="recording")

@@ -366,14 +366,16 @@ def test_metadata_round_trips_and_extends(tmp_path):
 
 # ---------------------------------------------------------------- toy protocol
 def test_concept_names_resolve_to_toy_attributes():
-    from erasekit.eval.toy import concept_attribute
+    from erasekit.toy.world import parse_concept
 
-    assert concept_attribute("three-sided shape") == ("shape", "triangle")
-    assert concept_attribute("Pyramid") == ("shape", "triangle")
-    assert concept_attribute("red") == ("color", "red")
-    assert concept_attribute("striped") == ("style", "stripes")
-    with pytest.raises(ErasekitError, match="not a toy-world concept"):
-        concept_attribute("Van Gogh")
+    assert parse_concept("three-sided shape") == ("shape", "triangle")
+    assert parse_concept("Pyramid") == ("shape", "triangle")
+    assert parse_concept(" Three-Sided  shape ") == ("shape", "triangle")
+    assert parse_concept("red") == ("color", "red")
+    assert parse_concept("striped") == ("style", "stripes") == parse_concept("Stripes")
+    for bad in ("Van Gogh", "nothing", "triangl"):  # a typo is no shape, and "nothing" is no style
+        with pytest.raises(ErasekitError, match="not a toy-world concept"):
+            parse_concept(bad)
 
 
 def test_toy_fid_is_small_for_drawings_and_large_for_noise():

@@ -15,6 +15,9 @@ import torch
 import erasekit
 from erasekit.errors import ErasekitError
 from erasekit.methods import rece, uce
+from erasekit.targets import prompt_targets as T
+from erasekit.targets import resolve_sd_targets
+from erasekit.toy import targets as toy_targets
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +75,8 @@ def test_closed_form_maps_erased_rows_to_guide_outputs(model):
 
 def test_last_token_erase_through_the_model(model):
     """last_token mode (no implicit ""), tiny λ: the concept's last-token row now gives the guide's outputs."""
-    config = uce.UCEConfig(token_mode="last_token", lamb=1e-6, guide="circle")
-    erasure = uce.erase(model, ["blue triangle"], config=config)
+    config = uce.UCEConfig(token_mode="last_token", lamb=1e-6)
+    erasure = uce.erase(model, T(["blue triangle"], guide="circle"), config=config)
     assert erasure.info["erase_rows"] == 1 and erasure.info["preserve_rows"] == 0
     c = states(model, "blue triangle")[model.last_word_index("blue triangle")]
     g = states(model, "circle")[model.last_word_index("circle")]
@@ -85,7 +88,7 @@ def test_last_token_erase_through_the_model(model):
 
 def test_preserved_prompts_barely_move(model):
     kept = ["blue circle", "a photo of a cat"]
-    erasure = uce.erase(model, ["red triangle"], preserve=kept)
+    erasure = uce.erase(model, T(["red triangle"], preserve=kept))
     assert erasure.info["preserved_prompts"] == 3  # the two and "" (legacy mode)
     assert erasure.info["preserve_scale"] == pytest.approx(1 / 3)
     erased, _ = uce.select_token_rows(
@@ -101,10 +104,10 @@ def test_preserved_prompts_barely_move(model):
 
 
 def test_the_empty_prompt_is_preserved_in_legacy_mode_only(model):
-    legacy = uce.erase(model, ["triangle"])
+    legacy = uce.erase(model, T(["triangle"]))
     assert legacy.info["preserved_prompts"] == 1 and legacy.info["preserve_scale"] == 1.0  # max(0.1, 1/|{""}|)
     assert legacy.info["preserve_rows"] == model.max_length
-    rewrite = uce.erase(model, ["triangle"], config=erasekit.methods.build_config("uce", "rewrite"))
+    rewrite = uce.erase(model, T(["triangle"]), config=erasekit.methods.build_config("uce", "rewrite"))
     assert rewrite.info["preserved_prompts"] == 0 and rewrite.info["preserve_scale"] == 1.0
 
 
@@ -140,15 +143,19 @@ def test_all_tokens_rows_map_every_row_to_the_same_guide_row(model):
     E, G = uce.select_token_rows(concept, guide, 4, 0, "all_tokens")
     assert torch.equal(E, concept) and torch.equal(G, guide)  # row k -> row k, all 24 of them
     assert uce.preserve_token_rows(concept[None], [4], "all_tokens").shape == (model.max_length, concept.shape[-1])
-    erasure = uce.erase(model, ["triangle"], config=uce.UCEConfig(token_mode="all_tokens", guide=""))
+    erasure = uce.erase(model, T(["triangle"], guide=""), config=uce.UCEConfig(token_mode="all_tokens"))
     assert erasure.info["erase_rows"] == model.max_length and erasure.info["preserve_rows"] == model.max_length  # "" kept
     assert erasure.info["preserve_scale"] == 1.0
 
 
-def test_toy_captions_erase_every_caption_naming_the_concept_and_keep_its_siblings():
+def test_toy_targets_erase_every_caption_naming_the_concept_and_keep_its_siblings():
     from erasekit.toy import world
 
-    pairs, preserved = uce.toy_caption_prompts(["triangle"], "")
+    def caption_pairs(concepts, guide):
+        by_concept, kept = toy_targets.caption_guides(concepts, guide)
+        return [pair for pairs in by_concept.values() for pair in pairs], kept
+
+    pairs, preserved = caption_pairs(["triangle"], "")
     captions = [c for c, _ in pairs]
     assert len(captions) == len(set(captions)) == 124  # 4*36 + 3*6 ... with "triangle" as the only shape word
     assert all("triangle" in c for c in captions)
@@ -164,30 +171,30 @@ def test_toy_captions_erase_every_caption_naming_the_concept_and_keep_its_siblin
     assert guides["triangle"] == ("circle", "square", "star", "cross", "heart")
     assert all(p in preserved for guide in guides.values() for p in guide)  # every generic guide's captions are kept
     # a named guide fills the caption; two erased shapes are not preserved for each other, nor in a generic guide
-    pairs, preserved = uce.toy_caption_prompts(["triangle", "square"], "shape")
+    pairs, preserved = caption_pairs(["triangle", "square"], "shape")
     assert ("a red triangle on a striped background", "a red shape on a striped background") in pairs
     assert not any("square" in p or "box" in p for p in preserved)
-    assert dict(uce.toy_caption_prompts(["triangle", "square"], "")[0])["a red triangle"] == (
+    assert dict(caption_pairs(["triangle", "square"], "")[0])["a red triangle"] == (
         "a red circle", "a red star", "a red cross", "a red heart")
     # colours: whole words only ("red" is not replaced inside "checkered"); a generic colour keeps the shape
-    pairs, preserved = uce.toy_caption_prompts(["red"], "hue")
+    pairs, preserved = caption_pairs(["red"], "hue")
     assert ("a red square on a checkered background", "a hue square on a checkered background") in pairs
-    guides = dict(uce.toy_caption_prompts(["red"], "")[0])
+    guides = dict(caption_pairs(["red"], "")[0])
     assert guides["a red square on a checkered background"][0] == "a green square on a checkered background"
     assert len(guides["a red square on a checkered background"]) == 5
     # styles: every caption with its adjective or noun, the other styles kept
     # ... and a blank guide sends a style's caption to the same caption on a plain background
-    pairs, preserved = uce.toy_caption_prompts(["stripes"], "")
+    pairs, preserved = caption_pairs(["stripes"], "")
     assert all(("striped" in c) or ("stripes" in c) for c, _ in pairs)
     assert ("a red triangle on a striped background", "a red triangle on a plain background") in pairs
     assert ("a box, blue, with stripes behind it", "a box, blue, with nothing behind it") in pairs
     assert all(g in preserved for _, g in pairs)  # every guide caption is a plain-style training caption
     assert any("dotted" in p for p in preserved) and not any("striped" in p for p in preserved)
     # a caption erased for one concept is not preserved for another
-    pairs, preserved = uce.toy_caption_prompts(["triangle", "red"], "")
+    pairs, preserved = caption_pairs(["triangle", "red"], "")
     assert "a red circle" in dict(pairs) and "a red circle" not in preserved
-    with pytest.raises(ErasekitError, match="toy world"):
-        uce.toy_caption_prompts(["van gogh"], "")
+    with pytest.raises(ErasekitError, match="toy-world concept"):
+        caption_pairs(["van gogh"], "")
 
 
 def test_generic_guides_are_the_mean_of_their_prompts_states(model):
@@ -200,9 +207,9 @@ def test_generic_guides_are_the_mean_of_their_prompts_states(model):
 
 
 def test_erase_row_counts_follow_the_token_mode(model):
-    legacy = uce.erase(model, ["red triangle", "circle"])
+    legacy = uce.erase(model, T(["red triangle", "circle"]))
     assert legacy.info["erase_rows"] == (24 - 2) + (24 - 1)
-    expanded = uce.erase(model, ["circle"], config=uce.UCEConfig(token_mode="last_token", expand_prompts=["photo of {concept}"]))
+    expanded = uce.erase(model, T(["circle"]), config=uce.UCEConfig(token_mode="last_token", expand_prompts=["photo of {concept}"]))
     assert expanded.info["erase_rows"] == 2
 
 
@@ -212,7 +219,7 @@ def test_hundred_concepts_in_one_solve(model):
     concepts = [f"{c} {w}" for c in colours for w in words]
     assert len(concepts) == 100
     started = time.perf_counter()
-    erasure = uce.erase(model, concepts)
+    erasure = uce.erase(model, T(concepts))
     seconds = time.perf_counter() - started
     assert erasure.info["erase_rows"] == 100 * (24 - 2)
     assert all(torch.isfinite(d).all() for d in erasure.deltas.values())
@@ -221,7 +228,7 @@ def test_hundred_concepts_in_one_solve(model):
 
 # ------------------------------------------------------------------------------- RECE step 1
 def test_adversarial_embedding_is_the_regularised_least_squares_solution(model):
-    erasure = uce.erase(model, ["triangle"])
+    erasure = uce.erase(model, T(["triangle"]))
     erasure.apply(model)
     try:
         c = model.encode(["triangle"]).hidden_states[0]
@@ -241,7 +248,7 @@ def test_adversarial_embedding_is_the_regularised_least_squares_solution(model):
 
 
 def test_adversarial_embedding_recovers_the_original_outputs(model):
-    erasure = uce.erase(model, ["triangle"])
+    erasure = uce.erase(model, T(["triangle"]))
     erasure.apply(model)
     try:
         c = model.encode(["triangle"])
@@ -273,7 +280,7 @@ def test_adversarial_embedding_of_an_unedited_model_is_the_embedding(model):
 # ---------------------------------------------------------------------------------- RECE rounds
 def test_rece_erases_the_adversarial_embedding(model):
     config = rece.RECEConfig(epochs=2)
-    erasure = rece.erase(model, ["triangle"], config=config, progress=False)
+    erasure = rece.erase(model, T(["triangle"]), config=config, progress=False)
     before, after = erasure.info["adversarial_residual_before"], erasure.info["adversarial_residual_after"]
     assert len(before) == len(after) == 2
     for b, a in zip(before, after):
@@ -283,7 +290,7 @@ def test_rece_erases_the_adversarial_embedding(model):
     # and RECE's final weights recover less than UCE's
     c = model.encode(["triangle"]).hidden_states[0]
     original = uce.key_value_weights(model)
-    uce_deltas = uce.erase(model, ["triangle"], config=config.uce_config()).deltas
+    uce_deltas = uce.erase(model, T(["triangle"]), config=config.uce_config()).deltas
     uce_weights = {n: w + uce_deltas[n] for n, w in original.items()}
     rece_weights = {n: w + erasure.deltas[n] for n, w in original.items()}
     residuals = {}
@@ -298,7 +305,7 @@ def test_rece_erases_the_adversarial_embedding(model):
 def test_rece_round_maps_the_adversarial_embedding_to_the_guide(model):
     """One round on text states given directly: W_new c' is close to W g, as UCE's closed form asks."""
     config = rece.RECEConfig(epochs=1, lamb=1e-4, preserve_scale=1e-4)
-    solution, original, _ = uce.uce_edit(model, ["triangle"], config=config.uce_config())
+    solution, original, _ = uce.uce_edit(model, T(["triangle"]), config=config.uce_config())
     c, g = states(model, "triangle"), states(model, " ")
     deltas, info = rece.rece_rounds(original, solution.transform(), c, g, None, config)
     current = {n: w + d for (n, w), d in zip(original.items(), uce.uce_deltas(original, solution).values())}
@@ -321,7 +328,7 @@ def test_validation_keeps_the_lowest_scoring_round(model):
         return next(scores)
 
     before = kv_snapshot(model)
-    erasure = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=3), validate=validate, progress=False)
+    erasure = rece.erase(model, T(["triangle"]), config=rece.RECEConfig(epochs=3), validate=validate, progress=False)
     assert erasure.info["scores"] == [3.0, 1.0, 2.0] and erasure.info["chosen_epoch"] == 1
     after = kv_snapshot(model)
     assert all(torch.equal(before[n], after[n]) for n in before)  # every candidate was taken off
@@ -339,20 +346,20 @@ def test_keep_concept_erased_holds_the_concepts_outputs_where_uce_put_them(model
     """keep_concept_erased retains the concept's rows at their current (UCE-erased) outputs in every round."""
     c = states(model, "triangle")
     original = uce.key_value_weights(model)
-    uce_deltas = uce.erase(model, ["triangle"], config=rece.RECEConfig().uce_config()).deltas
+    uce_deltas = uce.erase(model, T(["triangle"]), config=rece.RECEConfig().uce_config()).deltas
     drift = {}
     for keep in (False, True):
-        erasure = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=3, keep_concept_erased=keep), progress=False)
+        erasure = rece.erase(model, T(["triangle"]), config=rece.RECEConfig(epochs=3, keep_concept_erased=keep), progress=False)
         drift[keep] = sum(float((c @ (erasure.deltas[n] - uce_deltas[n]).double().T).norm()) for n in original)
     assert drift[True] < 0.2 * drift[False], drift
 
 
 def test_rece_without_validation_keeps_the_last_round(model):
-    erasure = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=2), progress=False)
+    erasure = rece.erase(model, T(["triangle"]), config=rece.RECEConfig(epochs=2), progress=False)
     assert erasure.info["chosen_epoch"] == 1 and erasure.info["scores"] is None
-    only_uce = rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=0), progress=False)
+    only_uce = rece.erase(model, T(["triangle"]), config=rece.RECEConfig(epochs=0), progress=False)
     assert only_uce.info["chosen_epoch"] == -1
-    legacy = uce.erase(model, ["triangle"], config=rece.RECEConfig().uce_config())
+    legacy = uce.erase(model, T(["triangle"]), config=rece.RECEConfig().uce_config())
     for name, delta in legacy.deltas.items():
         torch.testing.assert_close(only_uce.deltas[name], delta)
 
@@ -380,8 +387,9 @@ def test_registry_and_presets(model):
         erasekit.methods.build_config("uce", preset)
     for preset in rece.PRESETS:
         erasekit.methods.build_config("rece", preset)
-    artist = erasekit.erase(model, "rece", ["van gogh"], preset="artist", progress=False)
-    assert artist.config["guide"] == "art" and artist.info["epochs"] == 1
+    artist_targets = resolve_sd_targets(["van gogh"], kind="artist")  # the toy model's own resolver knows no artists
+    artist = rece.erase(model, artist_targets, config=erasekit.methods.build_config("rece", "artist"), progress=False)
+    assert artist.info["targets"][0]["guide"] == "art" and artist.info["epochs"] == 1
     assert artist.info["uce"]["preserve_scale"] == 0.1
     keys_only = erasekit.erase(model, "uce", ["triangle"], overrides={"edit_keys": "false"})
     assert all(n.endswith("to_v.weight") for n in keys_only.deltas)
@@ -389,11 +397,11 @@ def test_registry_and_presets(model):
 
 def test_edits_start_from_the_original_weights(model):
     """With another erasure applied, UCE still edits W_old = the original weights."""
-    alone = uce.erase(model, ["circle"])
-    other = uce.erase(model, ["triangle"])
+    alone = uce.erase(model, T(["circle"]))
+    other = uce.erase(model, T(["triangle"]))
     other.apply(model)
     try:
-        stacked = uce.erase(model, ["circle"])
+        stacked = uce.erase(model, T(["circle"]))
     finally:
         other.remove(model)
     for name, delta in alone.deltas.items():
@@ -404,17 +412,17 @@ def test_bad_input_raises_a_clear_error(model):
     with pytest.raises(ErasekitError, match="shorten"):
         erasekit.erase(model, "uce", [" ".join(["triangle"] * 30)])
     with pytest.raises(ErasekitError, match="shorten"):
-        uce.erase(model, ["triangle"], config=uce.UCEConfig(guide=" ".join(["circle"] * 30)))
+        erasekit.erase(model, "uce", ["triangle"], guide=" ".join(["circle"] * 30))
     with pytest.raises(ErasekitError, match="token_mode"):
-        uce.erase(model, ["triangle"], config=uce.UCEConfig(token_mode="middle"))
+        uce.erase(model, T(["triangle"]), config=uce.UCEConfig(token_mode="middle"))
     with pytest.raises(ErasekitError, match="singular"):
-        uce.erase(model, ["triangle"], config=uce.UCEConfig(token_mode="last_token", lamb=0.0))
+        uce.erase(model, T(["triangle"]), config=uce.UCEConfig(token_mode="last_token", lamb=0.0))
     with pytest.raises(ErasekitError, match="concept"):
-        uce.erase(model, ["triangle"], config=uce.UCEConfig(expand_prompts=["photo of"]))
+        uce.erase(model, T(["triangle"]), config=uce.UCEConfig(expand_prompts=["photo of"]))
     with pytest.raises(ErasekitError, match="epochs"):
-        rece.erase(model, ["triangle"], config=rece.RECEConfig(epochs=-1))
+        rece.erase(model, T(["triangle"]), config=rece.RECEConfig(epochs=-1))
     with pytest.raises(ErasekitError, match="shorten"):  # a retain prompt only RECE's rounds encode
-        rece.erase(model, ["triangle"], config=rece.RECEConfig(retain=[" ".join(["circle"] * 30)]), progress=False)
+        rece.erase(model, T(["triangle"]), config=rece.RECEConfig(retain=[" ".join(["circle"] * 30)]), progress=False)
     diverged = torch.full((4, 4), float("nan"), dtype=torch.float64)  # weights that are no longer finite
     with pytest.raises(ErasekitError, match="diverged"):
         rece.adversarial_map_from_grams(diverged, diverged, regular_scale=0.1)
@@ -425,7 +433,9 @@ def test_bad_input_raises_a_clear_error(model):
 def test_sd_and_sdxl_shaped_models(tiny_sd_folder, tiny_sdxl_folder):
     for folder in (tiny_sd_folder, tiny_sdxl_folder):
         handle = erasekit.load_model(folder)
-        erasure = erasekit.erase(handle, "rece", ["red triangle"], progress=False)
+        with pytest.raises(ErasekitError, match="--kind"):  # the guide depends on what "red triangle" is
+            erasekit.erase(handle, "rece", ["red triangle"], progress=False)
+        erasure = erasekit.erase(handle, "rece", ["red triangle"], kind="object", progress=False)
         assert len(erasure.deltas) == len(handle.key_value_projections())
         assert all(torch.isfinite(d).all() for d in erasure.deltas.values())
 

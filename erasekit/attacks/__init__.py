@@ -4,9 +4,9 @@
     result = run_attack(model, [erasure], concept="triangle", attack="soft-prompt", out="runs/atk")
     result["success_rate"]
 
-``model`` is the **unerased** base model; the attack turns the ``erasures`` on and off itself
-(target images and trajectories come from the unerased model, the attacked model is the erased
-one) and leaves the model as it found it. See :mod:`erasekit.attacks.base` for what every
+``model`` is the **unerased** base model; the attack applies the ``erasures`` itself and takes
+them all off (``model.erasures_off()``) where it needs the unerased model (target images,
+trajectories), and leaves the model as it found it. See :mod:`erasekit.attacks.base` for what every
 attack shares (budget, judge, resume, result.json, grid).
 
 =====================  ==========================================================  ============================
@@ -24,6 +24,8 @@ name                   what it does                                             
 
 from __future__ import annotations
 
+import dataclasses
+
 from erasekit.attacks.base import (
     AdversarialPrompt, Attack, AttackConfig, AttackRun, NudeNetJudge, ToyJudge, build_attack_config, execute, load_adversarial,
 )
@@ -33,6 +35,7 @@ from erasekit.attacks.paraphrase import ParaphraseAttack, ParaphraseConfig
 from erasekit.attacks.ring_a_bell import RingABellAttack, RingABellConfig
 from erasekit.attacks.soft_prompt import SoftPromptAttack, SoftPromptConfig, UnlearnDiffAttack
 from erasekit.attacks.textual_inversion import TextualInversionAttack, TextualInversionConfig
+from erasekit.config import describe
 from erasekit.errors import ErasekitError
 
 # name -> attack class (its ``config_class`` holds the defaults; ``config_defaults`` a name's own overrides)
@@ -47,8 +50,11 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 
-def make_attack(attack: str | Attack, budget: dict | None = None) -> Attack:
-    """An attack instance by name, its config from the defaults and ``budget`` (an Attack instance is used as is)."""
+def make_attack(attack: str | Attack, budget: dict | None = None, source: str = "budget") -> Attack:
+    """An attack instance by name, its config from the defaults and ``budget`` (an Attack instance is used as is).
+
+    ``source`` names the budget's origin in error messages (``--budget`` on the command line).
+    """
     if isinstance(attack, Attack):
         if budget:
             raise ErasekitError("pass budget= with an attack name, or set the config of the Attack instance you pass")
@@ -57,7 +63,23 @@ def make_attack(attack: str | Attack, budget: dict | None = None) -> Attack:
     if name not in ATTACKS:
         raise ErasekitError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
     cls = ATTACKS[name]
-    return cls(build_attack_config(cls.config_class, budget, cls.config_defaults))
+    return cls(build_attack_config(cls.config_class, budget, cls.config_defaults, source=source, name=name))
+
+
+def describe_attack(attack: str) -> str:
+    """The attack's budget keys (type, default, help), as ``--help`` shows them."""
+    name = str(attack).strip().lower()
+    if name not in ATTACKS:
+        raise ErasekitError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
+    cls = ATTACKS[name]
+    text = describe(cls.config_class, {name: cls.config_defaults} if cls.config_defaults else None, flag="--budget",
+                    presets_title=f"defaults {name} overrides")
+    steps_field = getattr(cls.config_class, "steps_field", None)
+    if steps_field:
+        text += f"\n\n--budget steps=N sets {steps_field}."
+    elif "steps" not in {f.name for f in dataclasses.fields(cls.config_class)}:
+        text += f"\n\n{name} does not optimise: --budget steps=N is accepted and ignored."
+    return text
 
 
 def run_attack(model, erasures, concept: str, attack: str | Attack = "soft-prompt", out=None, prompts=None, judge=None,
@@ -79,5 +101,5 @@ __all__ = [
     "ATTACKS", "AdversarialPrompt", "Attack", "AttackConfig", "AttackRun", "ClosedFormAttack", "ClosedFormConfig",
     "NudeNetJudge", "P4DAttack", "P4DConfig", "ParaphraseAttack", "ParaphraseConfig", "RingABellAttack", "RingABellConfig",
     "SoftPromptAttack", "SoftPromptConfig", "TextualInversionAttack", "TextualInversionConfig", "ToyJudge",
-    "UnlearnDiffAttack", "load_adversarial", "make_attack", "run_attack",
+    "UnlearnDiffAttack", "describe_attack", "load_adversarial", "make_attack", "run_attack",
 ]

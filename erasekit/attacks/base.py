@@ -1,4 +1,4 @@
-"""What every attack shares: config and budget, judges, switching erasures, evaluation, resume, results.
+"""What every attack shares: config and budget, judges, the erased model, evaluation, resume, results.
 
 An attack is a ``@dataclass`` config (defaults = its paper's) and a small class with
 
@@ -12,7 +12,9 @@ attack, generates ``samples`` images from the adversarial conditioning with the 
 the judge which images show the concept, and keeps the result in ``OUT/prompts/NNN.json``
 (+ ``NNN.safetensors``: the adversarial conditioning, any token embeddings and the images). A
 rerun with the same settings skips finished prompts. At the end it writes ``OUT/result.json``
-and ``OUT/grid.png`` (one row per prompt).
+and ``OUT/grid.png`` (one row per prompt). The attacked erasures not on already are applied at the
+start and taken off at the end; where an attack needs the unerased model (target images,
+trajectories) it uses ``with run.model.erasures_off():``, which takes every applied erasure off.
 
 Success rate = images judged to show the concept / images generated (``n``).
 """
@@ -23,18 +25,18 @@ import dataclasses
 import json
 import os
 import time
-import typing
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from erasekit.config import parse_values
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import Conditioning
+from erasekit.utils import image_grid, sample_seed, save_png, save_safetensors, write_json, write_text
 
 Judge = Callable[[torch.Tensor, str], list]
 
@@ -48,60 +50,31 @@ class AttackConfig:
     the generations of a genetic search); attacks without optimisation ignore it.
     """
 
-    prompts: int | None = None  # attack at most this many prompts (None: all)
-    samples: int = 1  # images generated (and judged) per adversarial prompt
-    time_s: float | None = None  # wall-clock budget: loops stop and no new prompt starts after it
-    guidance: float | None = None  # classifier-free guidance of the judged images (None: the model's default)
-    inference_steps: int | None = None  # sampling steps of the judged images (None: the model's default)
+    prompts: int | None = field(default=None, metadata={"help": "Attack at most this many prompts (none: all of them).", "min": 1})
+    samples: int = field(default=1, metadata={"help": "Images generated and judged per adversarial prompt.", "min": 1})
+    time_s: float | None = field(default=None, metadata={
+        "help": "Wall-clock budget in seconds: loops stop and no new prompt starts after it (none: no limit).", "min": 0})
+    guidance: float | None = field(default=None, metadata={
+        "help": "Classifier-free guidance of the judged images (none: the model's default).", "min": 0})
+    inference_steps: int | None = field(default=None, metadata={
+        "help": "Sampling steps of the judged images (none: the model's default).", "min": 1})
 
 
-def _parse(text: str, annotation, key: str):
-    origin = typing.get_origin(annotation)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if args and origin is not list and type(None) in typing.get_args(annotation):
-        if text.lower() in ("none", "null"):
-            return None
-        return _parse(text, args[0], key)
-    try:
-        if annotation is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation is int:
-            return int(float(text)) if float(text).is_integer() else int(text)
-        if annotation is float:
-            return float(text)
-        if origin is list or annotation is list:
-            return json.loads(text)
-    except (ValueError, json.JSONDecodeError):
-        raise ErasekitError(f"budget {key}={text}: expected {getattr(annotation, '__name__', annotation)}") from None
-    return text
-
-
-def build_attack_config(config_class, budget: dict | None = None, defaults: dict | None = None):
+def build_attack_config(config_class, budget: dict | None = None, defaults: dict | None = None, source: str = "budget",
+                        name: str | None = None):
     """``config_class`` with ``defaults`` then ``budget`` applied; strings (from the CLI) are typed by the field.
 
     ``steps`` is accepted by every attack (ignored by attacks that do not optimise).
     """
     fields = {f.name for f in dataclasses.fields(config_class)}
-    hints = typing.get_type_hints(config_class)
     values = dict(defaults or {})
-    for key, value in (budget or {}).items():
-        if key == "steps" and getattr(config_class, "steps_field", None):
-            key = config_class.steps_field  # e.g. Ring-A-Bell's generations
-        if key not in fields:
-            if key == "steps":
-                continue
-            raise ErasekitError(f"unknown budget key {key!r} for this attack; valid keys: {', '.join(sorted(fields | {'steps'}))}")
-        values[key] = _parse(value, hints[key], key) if isinstance(value, str) and hints[key] is not str else value
-    config = config_class(**values)
-    if config.samples < 1:
-        raise ErasekitError(f"samples={config.samples}; generate at least 1 image per prompt")
-    if config.prompts is not None and config.prompts < 1:
-        raise ErasekitError(f"prompts={config.prompts}; attack at least 1 prompt (or None for all)")
-    return config
+    budget = {str(key).strip(): value for key, value in (budget or {}).items()}
+    if "steps" in budget and getattr(config_class, "steps_field", None):
+        budget[config_class.steps_field] = budget.pop("steps")  # e.g. Ring-A-Bell's generations
+    elif "steps" in budget and "steps" not in fields:
+        budget.pop("steps")
+    values.update(parse_values(config_class, budget, source=source, name=name))
+    return config_class(**values)
 
 
 # ------------------------------------------------------------------------------------ judges
@@ -109,7 +82,9 @@ class ToyJudge:
     """The toy classifier: an image succeeds when its predicted shape (or colour, or style) is the concept."""
 
     def __init__(self, concept: str):
-        self.attribute, self.value = toy_attribute(concept)
+        from erasekit.toy import world
+
+        self.attribute, self.value = world.parse_concept(concept)
         self.classifier = None
 
     def __call__(self, images: torch.Tensor, concept: str | None = None) -> list[bool]:
@@ -119,25 +94,6 @@ class ToyJudge:
             self.classifier = load_classifier()
         predicted = self.classifier.predict(images)[self.attribute]
         return [p == self.value for p in predicted]
-
-
-def toy_attribute(concept: str) -> tuple[str, str]:
-    """(attribute, value) of a toy concept: a shape (any of its names), a colour or a style (name or adjective)."""
-    from erasekit.toy import world
-
-    text = concept.strip().lower()
-    for shape in world.SHAPES:
-        if text in [shape, *world.SHAPE_NAMES[shape], *world.HELD_OUT_SHAPE_NAMES[shape]]:
-            return "shape", shape
-    if text in world.COLOR_NAMES:
-        return "color", text
-    for style, words in world.STYLE_WORDS.items():
-        if text in (style, words[0]):
-            return "style", style
-    raise ErasekitError(
-        f"{concept!r} is not a toy concept; use a shape ({', '.join(world.SHAPES)}), a colour or a style, "
-        "or pass judge= for another model"
-    )
 
 
 class NudeNetJudge:
@@ -193,7 +149,7 @@ def default_prompts(model, concept: str, held_out: bool = False) -> list[str]:
     from erasekit.toy import world
     from erasekit.toy.evaluate import held_out_prompts, shape_prompts
 
-    attribute, value = toy_attribute(concept)
+    attribute, value = world.parse_concept(concept)
     if attribute == "shape":
         chosen = held_out_prompts([value], per_word=4) if held_out else shape_prompts([value], per_shape=8)
         return [p.prompt for p in chosen]
@@ -203,44 +159,6 @@ def default_prompts(model, concept: str, held_out: bool = False) -> list[str]:
         style = value if attribute == "style" else world.STYLES[index % 4]
         prompts.append(world.held_out_prompt(shape, color, style, index) if held_out else world.canonical_prompt(shape, color, style))
     return prompts
-
-
-# ------------------------------------------------------------------------------------ erasures on/off
-class ErasureSwitch:
-    """Turns the attacked erasures on (``erased()``) and off (``original()``); ``restore()`` puts back the start state."""
-
-    def __init__(self, model, erasures, force: bool = False):
-        self.model = model
-        self.erasures = list(erasures)
-        self.force = force
-        self.initially_applied = [self._applied(e) for e in self.erasures]
-
-    def _applied(self, erasure) -> bool:
-        return any(e is erasure for e, _ in self.model.applied_erasures)
-
-    def _set(self, on: bool) -> None:
-        for erasure in self.erasures:
-            if on and not self._applied(erasure):
-                erasure.apply(self.model, force=self.force)
-            elif not on and self._applied(erasure):
-                erasure.remove(self.model)
-
-    @contextmanager
-    def erased(self):
-        self._set(True)
-        yield self.model
-
-    @contextmanager
-    def original(self):
-        self._set(False)
-        yield self.model
-
-    def restore(self) -> None:
-        for erasure, was_applied in zip(self.erasures, self.initially_applied):
-            if was_applied and not self._applied(erasure):
-                erasure.apply(self.model, force=self.force)
-            elif not was_applied and self._applied(erasure):
-                erasure.remove(self.model)
 
 
 # ------------------------------------------------------------------------------------ one attacked prompt
@@ -268,12 +186,6 @@ def denoising_target(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tens
     return (alphas.sqrt() * noise - (1 - alphas).sqrt() * x0).to(x0.dtype)
 
 
-def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    from erasekit.toy.evaluate import sample_seed as toy_sample_seed
-
-    return toy_sample_seed(seed, prompt_index, sample_index)
-
-
 @torch.no_grad()
 def generate_from_conditioning(model, cond: Conditioning, seeds: list[int], guidance=None, steps=None, uncond=None,
                                return_latents: bool = False) -> torch.Tensor:
@@ -291,12 +203,15 @@ def generate_from_conditioning(model, cond: Conditioning, seeds: list[int], guid
 
 
 class AttackRun:
-    """The context an attack works in: the model, erasures on/off, the judge, the clock, the output folder."""
+    """The context an attack works in: the erased model, the attacked erasures, the judge, the clock, the output folder.
 
-    def __init__(self, model, switch: ErasureSwitch, concept: str, judge: Judge, config, seed: int, out: Path | None,
+    The attacked erasures are on throughout; ``with run.model.erasures_off():`` gives the unerased model.
+    """
+
+    def __init__(self, model, erasures: list, concept: str, judge: Judge, config, seed: int, out: Path | None,
                  prompts: list[str], progress: bool):
         self.model = model
-        self.switch = switch
+        self.erasures = list(erasures)
         self.concept = concept
         self.judge = judge
         self.config = config
@@ -306,12 +221,6 @@ class AttackRun:
         self.progress = progress
         self.started = time.perf_counter()
         self._uncond = None
-
-    def erased(self):
-        return self.switch.erased()
-
-    def original(self):
-        return self.switch.original()
 
     def out_of_time(self) -> bool:
         return self.config.time_s is not None and time.perf_counter() - self.started > self.config.time_s
@@ -328,8 +237,7 @@ class AttackRun:
 
     def check(self, cond: Conditioning, prompt_index: int) -> bool:
         """Early-stopping check of the optimising attacks: does the erased model draw the concept (first seed)?"""
-        with self.erased():
-            images = self.generate(cond, [sample_seed(self.seed, prompt_index, 0)])
+        images = self.generate(cond, [sample_seed(self.seed, prompt_index, 0)])
         return bool(self.judge(images, self.concept)[0])
 
     def generator(self, prompt_index: int) -> torch.Generator:
@@ -359,20 +267,6 @@ class Attack:
 
 
 # ------------------------------------------------------------------------------------ files
-def _atomic_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def load_adversarial(path) -> Conditioning:
     """The adversarial conditioning saved for one prompt (``OUT/prompts/NNN.safetensors``), ready for ``model.sample``."""
     tensors = load_file(str(path))
@@ -391,8 +285,6 @@ def _describe_erasures(erasures) -> list[dict]:
 
 
 def _write_grid(records: list[dict], out: Path) -> str | None:
-    from erasekit.toy.evaluate import image_grid
-
     rows, labels = [], []
     for record in records:
         tensors = load_file(str(out / record["embedding"]))
@@ -404,11 +296,7 @@ def _write_grid(records: list[dict], out: Path) -> str | None:
     padded = [torch.cat([r, torch.ones(width - r.shape[0], *r.shape[1:])]) if r.shape[0] < width else r for r in rows]
     side = padded[0].shape[-1]
     grid = image_grid(torch.cat(padded), rows=len(padded), labels=labels, scale=max(1, 96 // side))
-    path = out / "grid.png"
-    tmp = out / ".grid.tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
-    return path.name
+    return save_png(out / "grid.png", grid).name
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -448,15 +336,19 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
                     f"{out} holds a run with other settings ({', '.join(changed)} differ); "
                     "use another --out, or delete the folder to start over"
                 )
-        _atomic_json(settings, run_file)
+        write_json(run_file, settings)
 
     for erasure in erasures:
         erasure.check_base(model, force)
-    switch = ErasureSwitch(model, erasures, force)
-    run = AttackRun(model, switch, concept, judge, config, seed, out, prompts, progress)
+    run = AttackRun(model, erasures, concept, judge, config, seed, out, prompts, progress)
     records: list[dict] = []
     stopped = None
+    applied_here = []  # the attacked erasures this run applied (the others were on already); off again at the end
     try:
+        for erasure in erasures:
+            if not any(e is erasure for e, _ in model.applied_erasures):
+                erasure.apply(model, force=force)
+                applied_here.append(erasure)
         todo = []
         for index, prompt in enumerate(prompts):
             record_path = out / "prompts" / f"{index:03d}.json" if out is not None else None
@@ -475,8 +367,7 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
             torch.manual_seed(sample_seed(seed, index, 20_011))
             found = attack.attack_prompt(run, prompt, index)
             seeds = [sample_seed(seed, index, k) for k in range(config.samples)]
-            with run.erased():
-                images = run.generate(found.conditioning, seeds)
+            images = run.generate(found.conditioning, seeds)
             successes = [bool(s) for s in judge(images, concept)]
             record = {
                 "index": index, "prompt": prompt, "adversarial_prompt": found.text, "embedding": None,
@@ -489,13 +380,15 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
                     tensors[f"added.{key}"] = value
                 tensors.update(found.tensors)
                 record["embedding"] = f"prompts/{index:03d}.safetensors"
-                _atomic_safetensors(tensors, out / record["embedding"], {"prompt": prompt, "adversarial_prompt": found.text or ""})
-                _atomic_json(record, out / "prompts" / f"{index:03d}.json")
+                save_safetensors(out / record["embedding"], {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                 {"prompt": prompt, "adversarial_prompt": found.text or ""})
+                write_json(out / "prompts" / f"{index:03d}.json", record)
             records.append(record)
             done = [s for r in records for s in r["successes"]]
             bar.set_postfix(success=f"{sum(done)}/{len(done)}")
     finally:
-        switch.restore()
+        for erasure in reversed(applied_here):
+            erasure.remove(model)
 
     records.sort(key=lambda r: r["index"])
     all_successes = [s for r in records for s in r["successes"]]
@@ -519,11 +412,9 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
         result["grid"] = _write_grid(records, out)
         texts = [r["adversarial_prompt"] for r in records if r.get("adversarial_prompt")]
         if texts:  # discrete attacks: a prompt file for `erasekit generate --prompts`
-            tmp = out / ".adversarial_prompts.txt.tmp"
-            tmp.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
-            os.replace(tmp, out / "adversarial_prompts.txt")
+            write_text(out / "adversarial_prompts.txt", "".join(t.replace("\n", " ") + "\n" for t in texts))
             result["adversarial_prompts"] = "adversarial_prompts.txt"
-        _atomic_json(result, out / "result.json")
+        write_json(out / "result.json", result)
     if progress:
         where = f" ({out / 'result.json'})" if out is not None else ""
         print(f"{attack.name} on {concept!r}: success rate {result['success_rate']:.1%} of {result['n']} images{where}")

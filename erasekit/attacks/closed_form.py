@@ -12,7 +12,7 @@ It is an embedding-space (white-box) attack on erasures that edit to_k/to_v (UCE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig
 from erasekit.errors import ErasekitError
@@ -22,8 +22,9 @@ from erasekit.errors import ErasekitError
 class ClosedFormConfig(AttackConfig):
     """RECE's settings; λ is ``regular_scale`` (0.1 for nudity and easy objects, 1e-3 for artists)."""
 
-    regular_scale: float = 0.1
-    edit_keys: bool = True  # use to_k as well as to_v
+    regular_scale: float = field(default=0.1, metadata={
+        "help": "λ of the closed form: the pull of the adversarial embedding towards zero (smaller for artists).", "min": 0})
+    edit_keys: bool = field(default=True, metadata={"help": "Derive the embedding through to_k as well as to_v."})
 
 
 class ClosedFormAttack(Attack):
@@ -34,8 +35,8 @@ class ClosedFormAttack(Attack):
         from erasekit.methods.uce import key_value_weights
 
         names = set(key_value_weights(run.model, original=True, edit_keys=self.config.edit_keys))
-        touched = {name for erasure in run.switch.erasures for name in getattr(erasure, "deltas", {})}
-        if run.switch.erasures and not names & touched:
+        touched = {name for erasure in run.erasures for name in getattr(erasure, "deltas", {})}
+        if run.erasures and not names & touched:
             raise ErasekitError(
                 "the closed-form attack needs an erasure that edits cross-attention to_k/to_v weights (uce, rece, esd-x); "
                 "use another attack (soft-prompt, p4d, textual-inversion) for this erasure"
@@ -45,8 +46,7 @@ class ClosedFormAttack(Attack):
         from erasekit.methods.rece import closed_form_adversarial_embedding
 
         cond = run.model.encode([prompt])
-        with run.erased():
-            adversarial = closed_form_adversarial_embedding(
-                run.model, cond, regular_scale=self.config.regular_scale, edit_keys=self.config.edit_keys
-            )
+        adversarial = closed_form_adversarial_embedding(
+            run.model, cond, regular_scale=self.config.regular_scale, edit_keys=self.config.edit_keys
+        )
         return AdversarialPrompt(adversarial, text=None, info={"regular_scale": self.config.regular_scale})

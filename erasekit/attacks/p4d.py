@@ -18,33 +18,37 @@ current prompt is tried on the erased model and the attack stops once the judge 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, sample_seed
+from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig
 from erasekit.attacks.text import (
     TokenProjector, candidate_token_ids, encode_ids, encode_slots, random_token_embeddings, template_text,
     token_template,
 )
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import Conditioning
+from erasekit.utils import sample_seed
 
 
 @dataclass
 class P4DConfig(AttackConfig):
     """P4D's defaults (landscape.md, B2)."""
 
-    variant: str = "N"  # "N": fresh tokens only; "K": a learnable token after every insert_every tokens of the prompt
-    tokens: int = 16  # P4D-N's learnable tokens
-    insert_every: int = 3  # P4D-K's K
-    steps: int = 3000
-    learning_rate: float = 0.1
-    weight_decay: float = 0.1
-    check_every: int = 50  # try the current prompt every this many steps, stop on success (0: never)
-    batch: int = 1  # trajectory points per step
+    variant: str = field(default="N", metadata={
+        "help": "N: fresh learnable tokens only; K: a learnable token after every insert_every tokens of the prompt.",
+        "choices": ("N", "K")})
+    tokens: int = field(default=16, metadata={"help": "Learnable tokens of P4D-N.", "min": 1})
+    insert_every: int = field(default=3, metadata={"help": "P4D-K's K: a learnable token after every K prompt tokens.", "min": 1})
+    steps: int = field(default=3000, metadata={"help": "AdamW steps per prompt.", "min": 1})
+    learning_rate: float = field(default=0.1, metadata={"help": "AdamW learning rate of the token embeddings.", "gt": 0})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the token embeddings.", "min": 0})
+    check_every: int = field(default=50, metadata={
+        "help": "Try the current prompt on the erased model every this many steps and stop on success (0: never).", "min": 0})
+    batch: int = field(default=1, metadata={"help": "Trajectory points per optimiser step.", "min": 1})
 
 
 class P4DAttack(Attack):
@@ -74,7 +78,7 @@ class P4DAttack(Attack):
         scheduler = model.make_scheduler()
         scheduler.set_timesteps(self.config.inference_steps or model.default_steps, device=model.device)
         latents = model.initial_latents(1, torch.Generator().manual_seed(seed), scheduler=scheduler)
-        with torch.no_grad(), run.original():
+        with torch.no_grad(), model.erasures_off():
             model.sample(cond, uncond=uncond, guidance=self.config.guidance, num_inference_steps=self.config.inference_steps,
                          latents=latents, noise_fn=record)
         return points
@@ -96,26 +100,25 @@ class P4DAttack(Attack):
         embeddings = random_token_embeddings(model, len(template.slots), self.candidates, generator).requires_grad_(True)
         optimizer = torch.optim.AdamW([embeddings], lr=config.learning_rate, weight_decay=config.weight_decay)
         losses, stopped_by, steps_run = [], None, 0
-        with run.erased():
-            for step in tqdm(range(config.steps), desc="p4d", disable=not run.progress, leave=False):
-                picks = torch.randint(len(points), (config.batch,), generator=generator).tolist()
-                x = torch.cat([points[k][0] for k in picks])
-                t = torch.tensor([points[k][1] for k in picks], device=x.device)
-                target = torch.cat([points[k][2] for k in picks])
-                used = self.projector.straight_through(embeddings)[0]
-                cond = encode_slots(model, template, used.to(model.dtype)).repeat(config.batch)
-                loss = F.mse_loss(model.predict_noise(x, t, cond).float(), target.float())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                steps_run = step + 1
-                if config.check_every and steps_run % config.check_every == 0 and run.check(self._hard(run, template, embeddings)[0], index):
-                    stopped_by = "success"
-                    break
-                if run.out_of_time():
-                    stopped_by = "time budget"
-                    break
+        for step in tqdm(range(config.steps), desc="p4d", disable=not run.progress, leave=False):
+            picks = torch.randint(len(points), (config.batch,), generator=generator).tolist()
+            x = torch.cat([points[k][0] for k in picks])
+            t = torch.tensor([points[k][1] for k in picks], device=x.device)
+            target = torch.cat([points[k][2] for k in picks])
+            used = self.projector.straight_through(embeddings)[0]
+            cond = encode_slots(model, template, used.to(model.dtype)).repeat(config.batch)
+            loss = F.mse_loss(model.predict_noise(x, t, cond).float(), target.float())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            steps_run = step + 1
+            if config.check_every and steps_run % config.check_every == 0 and run.check(self._hard(run, template, embeddings)[0], index):
+                stopped_by = "success"
+                break
+            if run.out_of_time():
+                stopped_by = "time budget"
+                break
         cond, text, ids = self._hard(run, template, embeddings)
         info = {"variant": config.variant, "steps_run": steps_run, "stopped_by": stopped_by,
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}

@@ -21,13 +21,13 @@ prompt with the concept's words removed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, toy_attribute
+from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig
 from erasekit.attacks.text import candidate_token_ids, encode_ids, template_text, token_template
 from erasekit.errors import ErasekitError
 
@@ -38,21 +38,24 @@ class RingABellConfig(AttackConfig):
 
     steps_field: ClassVar[str] = "generations"
 
-    variant: str = "genetic"  # "genetic" (discrete tokens, the paper) or "soft" (E(p) + η c to the UNet)
-    eta: float = 3.0
-    tokens: int = 16
-    population: int = 200
-    generations: int = 3000
-    crossover: float = 0.5
-    mutation: float = 0.25
-    pairs: list | None = None  # [[prompt with the concept, the same without], ...]
+    variant: str = field(default="genetic", metadata={
+        "help": "genetic: a search over discrete tokens (the paper); soft: E(p) + η c given to the UNet as is.",
+        "choices": ("genetic", "soft")})
+    eta: float = field(default=3.0, metadata={"help": "η: how much of the concept vector is added to the prompt's embedding."})
+    tokens: int = field(default=16, metadata={"help": "K: discrete tokens of the searched prompt.", "min": 1})
+    population: int = field(default=200, metadata={"help": "Candidate prompts per generation of the genetic search.", "min": 4})
+    generations: int = field(default=3000, metadata={"help": "Generations of the genetic search (set by --budget steps=N).", "min": 0})
+    crossover: float = field(default=0.5, metadata={"help": "Probability of single-point crossover of two parents.", "min": 0, "max": 1})
+    mutation: float = field(default=0.25, metadata={"help": "Probability that one random token of a child is mutated.", "min": 0, "max": 1})
+    pairs: list | None = field(default=None, metadata={
+        "help": "Prompt pairs [[with the concept, the same without], ...] for the concept vector (none: derived from the prompts)."})
 
 
 def toy_pairs(concept: str, count: int = 12) -> list[list[str]]:
     """Toy captions with the concept and the same caption with another value of its attribute."""
     from erasekit.toy import world
 
-    attribute, value = toy_attribute(concept)
+    attribute, value = world.parse_concept(concept)
     others = [v for v in world.ATTRIBUTES[attribute] if v != value]
     pairs = []
     for k in range(count):

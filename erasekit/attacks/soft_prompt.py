@@ -20,32 +20,37 @@ upper bound on any discrete prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, add_noise, denoising_target, sample_seed
+from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, add_noise, denoising_target
 from erasekit.attacks.text import (
     TokenProjector, candidate_token_ids, encode_ids, encode_slots, random_token_embeddings, template_text,
     token_template,
 )
 from erasekit.errors import ErasekitError
+from erasekit.utils import sample_seed
 
 
 @dataclass
 class SoftPromptConfig(AttackConfig):
     """UnlearnDiffAtk's defaults (landscape.md, B1)."""
 
-    variant: str = "soft"  # "soft": keep the optimised embeddings; "hard": real tokens (UnlearnDiffAtk)
-    tokens: int = 5  # learnable prefix tokens
-    steps: int = 2000  # AdamW steps in all: 50 timesteps x 40 steps
-    timesteps: int = 50  # outer loop: uniformly spaced timesteps, from high noise to low
-    learning_rate: float = 0.01
-    weight_decay: float = 0.1
-    target_images: int = 1  # images of the concept from the unerased model
-    early_stop: bool = True  # after each timestep: generate, judge, stop on success
+    variant: str = field(default="soft", metadata={
+        "help": "soft: keep the optimised embeddings; hard: project them to real tokens (UnlearnDiffAtk).",
+        "choices": ("soft", "hard")})
+    tokens: int = field(default=5, metadata={"help": "Learnable prefix tokens.", "min": 1})
+    steps: int = field(default=2000, metadata={"help": "AdamW steps in all, split evenly over the timesteps.", "min": 1})
+    timesteps: int = field(default=50, metadata={
+        "help": "Outer loop: uniformly spaced timesteps, from high noise to low.", "min": 1})
+    learning_rate: float = field(default=0.01, metadata={"help": "AdamW learning rate of the prefix.", "gt": 0})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the prefix.", "min": 0})
+    target_images: int = field(default=1, metadata={"help": "Images of the concept drawn by the unerased model as targets.", "min": 1})
+    early_stop: bool = field(default=True, metadata={
+        "help": "After each timestep generate from the current prompt and stop once the judge sees the concept."})
 
 
 class SoftPromptAttack(Attack):
@@ -72,7 +77,7 @@ class SoftPromptAttack(Attack):
         model, config = run.model, self.config
         generator = run.generator(index)
         target_seeds = [sample_seed(run.seed, index, 1000 + k) for k in range(config.target_images)]
-        with run.original():
+        with model.erasures_off():
             targets = run.generate(model.encode([prompt]), target_seeds, return_latents=True)
         template = token_template(model, prompt, prefix=config.tokens)
         prefix = random_token_embeddings(model, config.tokens, self.candidates, generator).requires_grad_(True)
@@ -82,29 +87,28 @@ class SoftPromptAttack(Attack):
         last = model.scheduler.config.num_train_timesteps - 1
         timesteps = torch.linspace(last, 0, outer).round().long()
         losses, steps_run, stopped_by = [], 0, None
-        with run.erased():
-            bar = tqdm(total=outer * inner, desc=self.name, disable=not run.progress, leave=False)
-            for t in timesteps:
-                for _ in range(inner):
-                    noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
-                    t_batch = t.repeat(len(targets)).to(targets.device)
-                    x_t = add_noise(model, targets, noise, t_batch)
-                    used = prefix if config.variant == "soft" else self.projector.straight_through(prefix)[0]
-                    cond = encode_slots(model, template, used.to(model.dtype)).repeat(len(targets))
-                    loss = F.mse_loss(model.predict_noise(x_t, t_batch, cond).float(), denoising_target(model, targets, noise, t_batch).float())
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(loss.item())
-                    steps_run += 1
-                    bar.update(1)
-                if config.early_stop and run.check(self._conditioning(run, template, prefix)[0], index):
-                    stopped_by = "success"
-                    break
-                if run.out_of_time():
-                    stopped_by = "time budget"
-                    break
-            bar.close()
+        bar = tqdm(total=outer * inner, desc=self.name, disable=not run.progress, leave=False)
+        for t in timesteps:
+            for _ in range(inner):
+                noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
+                t_batch = t.repeat(len(targets)).to(targets.device)
+                x_t = add_noise(model, targets, noise, t_batch)
+                used = prefix if config.variant == "soft" else self.projector.straight_through(prefix)[0]
+                cond = encode_slots(model, template, used.to(model.dtype)).repeat(len(targets))
+                loss = F.mse_loss(model.predict_noise(x_t, t_batch, cond).float(), denoising_target(model, targets, noise, t_batch).float())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                steps_run += 1
+                bar.update(1)
+            if config.early_stop and run.check(self._conditioning(run, template, prefix)[0], index):
+                stopped_by = "success"
+                break
+            if run.out_of_time():
+                stopped_by = "time budget"
+                break
+        bar.close()
         cond, text, ids = self._conditioning(run, template, prefix)
         tensors = {"prefix_embeddings": prefix.detach().float(), "template_ids": template.input_ids}
         if ids is not None:

@@ -30,22 +30,6 @@ from erasekit.toy.classifier import load_classifier
 from erasekit.toy.evaluate import ToyPrompt, generate_for_prompts, held_out_prompts, score, shape_prompts
 
 
-def concept_attribute(concept: str) -> tuple[str, str]:
-    """(attribute, value) of a toy concept: 'triangle' or 'three-sided shape' -> ('shape', 'triangle'),
-    'red' -> ('color', 'red'), 'striped' or 'stripes' -> ('style', 'stripes')."""
-    name = concept.strip().lower()
-    for shape in world.SHAPES:
-        if name == shape or name in world.SHAPE_NAMES[shape] or name in world.HELD_OUT_SHAPE_NAMES[shape]:
-            return "shape", shape
-    if name in world.COLOR_NAMES:
-        return "color", name
-    for style, words in world.STYLE_WORDS.items():
-        if name == style or name in words:
-            return "style", style
-    raise ErasekitError(f"{concept!r} is not a toy-world concept; choose a shape ({', '.join(world.SHAPES)}), "
-                        f"a colour ({', '.join(world.COLOR_NAMES)}) or a style ({', '.join(world.STYLES)})")
-
-
 def value_prompts(attribute: str, value: str, count: int, seed: int = 0) -> list[ToyPrompt]:
     """``count`` canonical prompts with ``attribute`` = ``value``, the other attributes cycled."""
     if attribute == "shape":
@@ -96,7 +80,7 @@ def evaluate_toy_protocol(model, concepts: list[str], samples_per_prompt: int | 
         record["seed"] = seed
     if not concepts:
         raise ErasekitError("no concept to evaluate; pass the erased concept(s), e.g. --concept triangle")
-    resolved = [concept_attribute(c) for c in concepts]
+    resolved = [world.parse_concept(c) for c in concepts]
 
     # prompt groups: (kind, attribute, value) -> slice of the prompt list
     prompts: list[ToyPrompt] = []

@@ -4,7 +4,8 @@ Every method module defines
 
 * a ``@dataclass`` config whose defaults are the paper's (e.g. ``UCEConfig``), named in ``CONFIG``;
 * ``PRESETS``: named overrides of that config; every method has at least ``paper`` and ``toy``;
-* ``erase(model, concepts, preserve=(), config=None, progress=True) -> Erasure``.
+* ``erase(model, targets, config=None, progress=True) -> Erasure``, where the targets
+  (:class:`erasekit.targets.EraseTarget`) say what to erase; a method never parses a concept.
 
 This module finds a method by name, builds its config from a preset plus
 ``key=value`` overrides (typed by the dataclass fields), and runs it.
@@ -12,11 +13,10 @@ This module finds a method by name, builds its config from a preset plus
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import json
-import typing
+import importlib.util
 
+from erasekit.config import describe, parse_values
 from erasekit.errors import ErasekitError
 
 METHODS = {
@@ -44,65 +44,31 @@ def available_methods() -> list[str]:
     return [name for name, path in METHODS.items() if importlib.util.find_spec(path) is not None]
 
 
-def _parse_value(text: str, annotation, key: str):
-    """Turn a --set string into the field's type (bool, int, float, str, list, optional)."""
-    origin = typing.get_origin(annotation)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        if text.lower() in ("none", "null"):
-            return None
-        return _parse_value(text, args[0], key)
-    try:
-        if annotation is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation is int:
-            return int(text)
-        if annotation is float:
-            return float(text)
-        if origin in (list, tuple):
-            items = json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t]
-            inner = typing.get_args(annotation)[0] if typing.get_args(annotation) else str
-            return [(_parse_value(str(i), inner, key) if not isinstance(i, inner) else i) for i in items]
-    except ValueError:
-        raise ErasekitError(f"--set {key}={text}: expected {getattr(annotation, '__name__', annotation)}") from None
-    return text
-
-
 def build_config(method: str, preset: str | None = None, overrides: dict[str, str] | None = None):
     """The method's config: its dataclass defaults, then the preset, then ``--set`` overrides."""
     module = get_method(method)
-    config_cls = module.CONFIG
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    hints = typing.get_type_hints(config_cls)
     values = {}
     if preset:
         if preset not in module.PRESETS:
             raise ErasekitError(f"unknown preset {preset!r} for {method}; choose one of: {', '.join(module.PRESETS)}")
-        values.update(module.PRESETS[preset])
-    for key, text in (overrides or {}).items():
-        if key not in fields:
-            raise ErasekitError(f"unknown --set key {key!r} for {method}; valid keys: {', '.join(fields)}")
-        values[key] = _parse_value(text, hints[key], key) if isinstance(text, str) else text
-    return config_cls(**values)
+        values.update(parse_values(module.CONFIG, module.PRESETS[preset], source=f"preset {preset!r}", name=method))
+    values.update(parse_values(module.CONFIG, overrides, source="--set", name=method))
+    return module.CONFIG(**values)
 
 
-def erase(model, method: str, concepts, preserve=(), config=None, preset: str | None = None, overrides=None, progress: bool = True):
-    """Erase ``concepts`` from ``model`` with ``method``; returns an :class:`~erasekit.Erasure`.
+def describe_method(method: str) -> str:
+    """The method's config keys (type, default, help) and presets, as ``--help`` shows them."""
+    module = get_method(method)
+    return describe(module.CONFIG, module.PRESETS, flag="--set")
+
+
+def run_method(model, method: str, targets, config=None, preset: str | None = None, overrides=None, progress: bool = True):
+    """Run ``method`` on resolved targets (:mod:`erasekit.targets`); returns an :class:`~erasekit.Erasure`.
 
     ``config`` is the method's config dataclass; or give ``preset`` and/or ``overrides``.
+    Concepts are resolved into targets by :func:`erasekit.resolve.erase`, not here.
     """
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    concepts = [c.strip() for c in concepts if c.strip()]
-    if not concepts:
-        raise ErasekitError("no concept to erase; pass at least one --concept")
     module = get_method(method)
     if config is None:
         config = build_config(method, preset, overrides)
-    for text in [*concepts, *preserve]:
-        model.check_prompt_fits(text)
-    return module.erase(model, concepts, preserve=list(preserve), config=config, progress=progress)
+    return module.erase(model, list(targets), config=config, progress=progress)

@@ -55,49 +55,50 @@ from tqdm.auto import tqdm
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
 from erasekit.methods.uce import (
-    UCEConfig, encode_guides, float64_device, key_value_weights, toy_caption_prompts, uce_edit, uce_solve,
+    UCEConfig, encode_guides, float64_device, key_value_weights, uce_edit, uce_solve,
 )
 from erasekit.models.handle import Conditioning
+from erasekit.targets import EraseTarget, require
+
+
+def _help(text: str, **checks) -> dict:
+    return {"help": text, **checks}
 
 
 @dataclass
 class RECEConfig:
     """RECE settings; the defaults are the paper's nudity settings (research notes, section 3.2)."""
 
-    epochs: int = 3  # rounds of (adversarial embedding, erase it)
-    regular_scale: float = 0.1  # λ of close_regzero: c' = (λI + Σ W'ᵀW')⁻¹ Σ W'ᵀW⁰ c
-    lamb: float = 0.1  # λ₂: pull towards the current weights in each round
-    preserve_scale: float = 0.1  # λ₁: weight of the retain rows in each round
-    erase_scale: float = 1.0  # s_e
-    guide: str = " "  # c' maps to this prompt's rows (" " for nudity and objects, "art" for artists)
-    retain: list[str] = field(default_factory=lambda: [" "])  # prompts kept in each round (with erase(preserve=...))
-    # the legacy-UCE edit RECE starts from (its guide is ``guide``; "" is always preserved)
-    uce_preserve: list[str] = field(default_factory=list)
-    uce_lamb: float = 0.5
-    uce_erase_scale: float = 1.0
-    uce_preserve_scale: float | None = None  # None: max(0.1, 1/|P|), 1.0 with only "" preserved
-    edit_keys: bool = True  # edit (and derive c' through) to_k as well as to_v
-    uce_token_mode: str = "legacy"  # the UCE step's token mode; RECE is built on "legacy" (the toy uses "all_tokens")
-    # toy model only: the UCE step and every round work on the concept's training captions and keep the other
-    # values of its attribute in theirs (UCEConfig.toy_captions); each round derives c' from every caption
-    toy_captions: bool = False
-    # toy model only, when no validate callable is given: score each round on this many images per prompt set
-    # (the concept's prompts, its held-out paraphrases, the other values' prompts) and keep the best round
-    toy_validation_images: int = 0
-    # also retain the concept's own prompts (with toy_captions: its training captions) in every round, at their
-    # current outputs, which the UCE step erased; not in the paper, whose rounds hold the earlier edits through
-    # lamb alone. With thousands of rows per round that anchor is weak and the rounds can undo the UCE step on
-    # the concept itself (measured on the toy model at preserve_scale 1: the triangle back from 5% to 14% after
-    # 32 rounds, 64% after 64).
-    keep_concept_erased: bool = False
-    # with toy_captions: derive c' from every training caption of the concept, not only from the concept itself
-    adversarial_from_captions: bool = True
+    epochs: int = field(default=3, metadata=_help("Rounds of (adversarial embedding, erase it).", min=0))
+    regular_scale: float = field(default=0.1, metadata=_help(
+        "λ of close_regzero: c' = (λI + Σ W'ᵀW')⁻¹ Σ W'ᵀW⁰ c.", min=0))
+    lamb: float = field(default=0.1, metadata=_help("λ₂: pull towards the current weights in each round.", min=0))
+    preserve_scale: float = field(default=0.1, metadata=_help("λ₁: weight of the retain rows in each round.", min=0))
+    erase_scale: float = field(default=1.0, metadata=_help("s_e: weight of the erased rows in each round.", gt=0))
+    retain: list[str] = field(default_factory=lambda: [" "], metadata=_help(
+        "Prompts kept in each round, with the target's preserved prompts."))
+    uce_preserve: list[str] = field(default_factory=list, metadata=_help("Prompts the UCE step preserves besides the target's."))
+    uce_lamb: float = field(default=0.5, metadata=_help("λ of the UCE step.", min=0))
+    uce_erase_scale: float = field(default=1.0, metadata=_help("s_e of the UCE step.", gt=0))
+    uce_preserve_scale: float | None = field(default=None, metadata=_help(
+        "s_p of the UCE step; None: max(0.1, 1/|P|), 1.0 with only \"\" preserved.", min=0))
+    edit_keys: bool = field(default=True, metadata=_help("Edit (and derive c' through) to_k as well as to_v."))
+    uce_token_mode: str = field(default="legacy", metadata=_help(
+        "The UCE step's token mode; RECE is built on legacy.", choices=["legacy", "last_token", "all_tokens"]))
+    contexts: bool = field(default=False, metadata=_help(
+        "The UCE step and every round work on every prompt of each target (UCEConfig.contexts) and retain "
+        "the prompts the target keeps."))
+    keep_concept_erased: bool = field(default=False, metadata=_help(
+        "Also retain the concepts' own prompts in every round at their current (erased) outputs; erasekit's, "
+        "not the paper's, whose rounds hold earlier edits through lamb alone."))
+    adversarial_from_contexts: bool = field(default=True, metadata=_help(
+        "With contexts: derive c' from every prompt of each target, not only from the concept itself."))
 
     def uce_config(self) -> UCEConfig:
         return UCEConfig(
-            guide=self.guide, preserve=list(self.uce_preserve), lamb=self.uce_lamb, erase_scale=self.uce_erase_scale,
+            preserve=list(self.uce_preserve), lamb=self.uce_lamb, erase_scale=self.uce_erase_scale,
             preserve_scale=self.uce_preserve_scale, token_mode=self.uce_token_mode, edit_keys=self.edit_keys,
-            toy_captions=self.toy_captions,
+            contexts=self.contexts,
         )
 
 
@@ -106,31 +107,19 @@ CONFIG = RECEConfig
 # Per concept type, from the RECE README and model card (research notes, section 3.2).
 PRESETS = {
     "paper": {},
-    # The toy model: UCE's toy edit (every training caption of the concept, all rows, towards the same caption
-    # with a generic value, the other values kept), then 24 rounds on the adversarial embeddings of every
-    # caption, retaining the other values' captions and, with keep_concept_erased, the concept's own.
-    # The toy needs more rounds than the paper's 1-3: each round closes only the c' it found, and the attack
-    # finds another nearby (see benchmarks/bench_uce_rece.py --toy for why it cannot be closed in the toy).
-    # preserve_scale 10, not 1: each round holds the retain prompts at the previous round's outputs, so what a
-    # round gives up on them piles up over the rounds. At 1 the other shapes' keys/values moved 0.7% a round
-    # (19% after 24) and erasing the cross cost the triangle 31 points; at 10 they move 6.6% in all and no
-    # other shape loses more than 3 points. What the rounds win against the attack comes with that movement
-    # (anchoring the retain prompts at the UCE step's outputs instead stopped both: kv recovery 0.91, UCE 0.94).
-    # Measured against UCE's toy preset (benchmarks/bench_uce_rece.py --toy, guidance 2, paired seeds, seed 0;
-    # triangle still drawn for its own prompts / held-out paraphrases / under the closed-form attack, of
-    # 64 / 64 / 32 images): unerased 91% / 67% / -, UCE 5% / 20% / 94%, this 6% / 12% / 81%, every other
-    # shape within 3 points. The striped style: 100% -> 0% striped, shape accuracy 97.9% -> 96.9% (UCE 93.8%).
-    "toy": {"uce_token_mode": "all_tokens", "toy_captions": True, "guide": "", "retain": [""], "epochs": 24,
+    # the toy: UCE's toy edit, then 24 rounds on every caption, retaining the other values' captions at scale 10
+    # and the concept's own (docs/toy-presets.md says why each value)
+    "toy": {"uce_token_mode": "all_tokens", "contexts": True, "retain": [""], "epochs": 24,
             "regular_scale": 0.1, "preserve_scale": 10.0, "keep_concept_erased": True},
-    "nudity": {"epochs": 3, "regular_scale": 1e-1, "guide": " ", "retain": [" "]},
+    "nudity": {"epochs": 3, "regular_scale": 1e-1, "retain": [" "]},
     # the 11 I2P categories (erasekit.methods.uce.I2P_CONCEPTS), chosen by Q16 in the paper
-    "unsafe": {"epochs": 2, "regular_scale": 1e-1, "guide": " ", "retain": [" "]},
-    # the paper also keeps the 1,733 other artists: pass them with preserve=... (they go to UCE and to the retain set)
-    "artist": {"epochs": 1, "regular_scale": 1e-3, "guide": "art", "retain": [""], "uce_preserve_scale": 0.1},
+    "unsafe": {"epochs": 2, "regular_scale": 1e-1, "retain": [" "]},
+    # the paper also keeps the 1,733 other artists: pass them with --preserve (they go to UCE and to the retain set)
+    "artist": {"epochs": 1, "regular_scale": 1e-3, "retain": [""], "uce_preserve_scale": 0.1},
     # "easy" objects (English springer, golf ball, parachute)
-    "object": {"epochs": 1, "regular_scale": 1e-1, "guide": " ", "retain": [""]},
+    "object": {"epochs": 1, "regular_scale": 1e-1, "retain": [""]},
     # "difficult" objects (church, garbage truck)
-    "object-difficult": {"epochs": 1, "regular_scale": 1e-3, "guide": " ", "retain": [""]},
+    "object-difficult": {"epochs": 1, "regular_scale": 1e-3, "retain": [""]},
 }
 
 
@@ -328,94 +317,45 @@ def _check(config: RECEConfig) -> None:
         raise ErasekitError("RECE needs regular_scale, lamb, preserve_scale >= 0 and erase_scale > 0; fix the --set values")
 
 
-def toy_validator(model, concepts: list[str], samples_per_prompt: int, seed: int = 1234) -> Callable:
-    """A RECE validation callable on the toy model (lower is better), like the paper's object validation.
-
-    Score = the rate at which the erased values are still drawn (on their canonical prompts and,
-    for shapes, their held-out paraphrases) plus the accuracy lost on the other values of the
-    attribute relative to the model as it is when the validator is built (the UCE start is not
-    applied yet, so that is the unerased model). One prompt per value and style, fixed seeds.
-    """
-    from erasekit.toy import world
-    from erasekit.toy.evaluate import ToyPrompt, evaluate_toy, held_out_prompt
-
-    if model.kind != "toy":
-        raise ErasekitError("toy_validation_images works on the toy model only; pass validate=callable for other models")
-    targets = [world.attribute_of(c) for c in concepts]
-    attribute = targets[0][0]
-    erased_values = {value for _, value in targets}
-
-    def prompts_for(values, held_out: bool) -> list[ToyPrompt]:
-        prompts = []
-        for k, value in enumerate(values):
-            for j, style in enumerate(world.STYLES):
-                color = world.COLOR_NAMES[(k + j) % len(world.COLOR_NAMES)]
-                shape = value if attribute == "shape" else world.SHAPES[(k + j) % len(world.SHAPES)]
-                scene = {"shape": shape, "color": value if attribute == "color" else color,
-                         "style": value if attribute == "style" else style}
-                text = world.held_out_prompt(**scene) if held_out else world.canonical_prompt(**scene)
-                prompts.append(ToyPrompt(text, **{attribute: value}))
-        return prompts
-
-    erased = prompts_for(sorted(erased_values), held_out=False)
-    if attribute == "shape":
-        erased += prompts_for(sorted(erased_values), held_out=True)
-    others = prompts_for([v for v in world.ATTRIBUTES[attribute] if v not in erased_values], held_out=False)
-
-    def rate(prompts) -> float:
-        result = evaluate_toy(model, prompts, samples_per_prompt=samples_per_prompt, seed=seed, progress=False)
-        return float(result["overall"][attribute])
-
-    baseline = rate(others)
-
-    def validate(current_model) -> float:
-        return rate(erased) + max(0.0, baseline - rate(others))
-
-    return validate
-
-
 def erase(
     model,
-    concepts,
-    preserve=(),
+    targets: list[EraseTarget],
     config: RECEConfig | None = None,
     progress: bool = True,
     validate: Callable | None = None,
 ) -> Erasure:
-    """Erase ``concepts`` with RECE: legacy UCE, then ``config.epochs`` closed-form rounds.
+    """Erase the targets with RECE: legacy UCE, then ``config.epochs`` closed-form rounds.
 
     ``validate(model) -> float`` (lower is better), when given, scores each round's result
     applied to ``model``; the best round is kept, and every score and the chosen round are
-    in ``erasure.info``. ``preserve`` prompts are kept by the UCE step and by every round.
+    in ``erasure.info``. The targets' preserved prompts are kept by the UCE step and by every round.
     """
     config = config or RECEConfig()
     _check(config)
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
-    preserve = list(preserve)
+    require(targets, "guides", "rece", "or --guide")
+    concepts = [t.concept for t in targets]
     started = time.perf_counter()
     config_dict = dataclasses.asdict(config)
 
-    uce_solution, original, uce_info = uce_edit(model, concepts, preserve, config.uce_config())
+    uce_solution, original, uce_info = uce_edit(model, targets, config.uce_config())
 
-    retain = list(dict.fromkeys([*config.retain, *preserve]))
-    guide_of = {concept: config.guide for concept in concepts}  # each concept prompt's guide
-    if config.toy_captions:
-        pairs, toy_preserved = toy_caption_prompts(concepts, config.guide)
-        toy_guides = dict(pairs)
-        guide_of = {concept: toy_guides.get(concept, guide) for concept, guide in guide_of.items()}
-        if config.adversarial_from_captions:
-            guide_of.update({caption: guided for caption, guided in pairs if caption not in guide_of})
-        retain = list(dict.fromkeys([*retain, *toy_preserved]))
+    retain = [*config.retain, *(p for t in targets for p in t.preserve)]
+    if config.contexts:
+        retain += [p for t in targets for p in t.kept]
+    guide_of = {}  # each erased prompt's guide
+    for target in targets:
+        count = len(target.prompts) if config.contexts and config.adversarial_from_contexts else 1
+        for prompt, guide in zip(target.prompts[:count], target.guides[:count]):
+            guide_of.setdefault(prompt, guide)
     concept_prompts, guides = list(guide_of), list(guide_of.values())
     if config.keep_concept_erased:
-        retain = list(dict.fromkeys([*retain, *concept_prompts]))
+        retain += concept_prompts
+    retain = list(dict.fromkeys(retain))
     count = len(concept_prompts)
     states = encode_guides(model, [*concept_prompts, *guides, *retain])
     concept_states, guide_states = states[:count], states[count : 2 * count]
     retain_rows = states[2 * count :].reshape(-1, states.shape[-1])
 
-    if validate is None and config.toy_validation_images > 0:
-        validate = toy_validator(model, concepts, config.toy_validation_images)
     score = None
     if validate is not None:
         def score(deltas):
@@ -428,5 +368,6 @@ def erase(
 
     deltas, info = rece_rounds(original, uce_solution.transform(), concept_states, guide_states, retain_rows, config, score, progress)
     info["uce"] = uce_info
+    info["targets"] = [t.describe() for t in targets]
     info["seconds"] = round(time.perf_counter() - started, 3)
     return Erasure.from_deltas(model, "rece", concepts, config_dict, deltas, info)

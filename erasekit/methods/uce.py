@@ -38,29 +38,16 @@ Two official token modes (research notes, section 2.2), chosen by ``token_mode``
     One row per prompt: the last word token of the concept, of the guide and of each
     preserved prompt. No implicit "" and ``preserve_scale=None`` means 1.0.
 
-``"all_tokens"`` (erasekit's, for bidirectional text encoders)
-    Every row of the concept prompt maps to the same row of the guide prompt (both padded
-    to the text length), every row of each preserved prompt is kept, "" is always preserved
-    and ``preserve_scale=None`` means 1.0. CLIP's text encoder is causal, so in SD the rows
-    before the concept word do not see it and the legacy slice holds all of its information;
-    the toy model's MiniLM encoder is bidirectional, so "a", "red", "on", ... all carry the
-    shape too, and the legacy slice leaves the concept drawable from them (measured: the
-    triangle still drawn in 38-50% of images).
+``"all_tokens"`` (erasekit's, for bidirectional text encoders; a deviation)
+    Every row of the concept prompt maps to the same row of the guide prompt, every row of
+    each preserved prompt is kept, "" is always preserved and ``preserve_scale=None`` means
+    1.0. Under a causal encoder (CLIP) the legacy slice holds all of a word's information;
+    under a bidirectional one (the toy's MiniLM) every row carries it.
 
-``toy_captions=True`` (the toy model's preset) expands each concept into every training
-caption that names it (``erasekit.toy.world.training_captions``: 124 for "triangle") and
-adds the other values of its attribute (the five other shapes, or the other styles or
-colours), in their training captions, to the preserved prompts. A blank guide keeps the rest
-of the caption (:func:`toy_caption_prompts`): a shape's or colour's caption goes to the same
-caption with a *generic* value, the mean of its text states with each kept value of the
-attribute in the concept's place ("a red triangle ..." -> the mean of "a red circle ...",
-"a red square ...", ...), and a style's caption to the same caption on a plain background.
-The toy world has no "no shape": its unconditional output draws a random shape, the erased
-one about one time in six, so erasing towards "" cannot go below that (measured: triangle
-14% of 64 images towards "", 5% towards the generic shape), and "" would erase the caption's
-colour and style as well. This is the toy analogue of the official ``--add_prompts``
-templates plus a preserve list and a guide concept such as "art", and what makes the erasure
-local there.
+What is erased comes from the targets (:mod:`erasekit.targets`): each concept maps to its
+target's guide, and with ``contexts`` every prompt of the target (the toy: the training
+captions that name the concept) maps to its own guide and the target's kept prompts are
+preserved: the analogue of the official ``--add_prompts`` templates plus a preserve list.
 
 Only the weights are edited; a bias (SD has none) cancels out of the residuals and is left alone.
 Edits start from the original weights (``model.original_parameters``) even when other
@@ -77,6 +64,7 @@ import torch
 
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
+from erasekit.targets import EraseTarget, Guide, guide_prompts, require
 
 TOKEN_MODES = ("legacy", "last_token", "all_tokens")
 
@@ -95,36 +83,34 @@ I2P_CONCEPTS = [
 class UCEConfig:
     """UCE settings; the defaults are the 2023 paper code's (research notes, section 2.2a)."""
 
-    guide: str = " "  # the concept each erased concept is mapped to (" " = towards the unconditional)
-    preserve: list[str] = field(default_factory=list)  # prompts kept unchanged (added to erase(preserve=...))
-    lamb: float = 0.5  # λ: pull towards the old weights, λ ||W - W_old||²
-    erase_scale: float = 1.0  # s_e
-    preserve_scale: float | None = None  # s_p; None: max(0.1, 1/|P|) in legacy mode, 1.0 in last_token mode
-    token_mode: str = "legacy"  # "legacy" (2023 code) or "last_token" (2025 rewrite); see the module docstring
-    edit_keys: bool = True  # edit to_k as well as to_v
-    expand_prompts: list[str] = field(default_factory=list)  # templates such as "painting by {concept}"
-    # toy model only: erase each concept in every training caption that names it and preserve the other
-    # values of its attribute (the other shapes, colours or styles) in theirs; see the module docstring
-    toy_captions: bool = False
+    preserve: list[str] = field(default_factory=list, metadata={"help": "Prompts kept unchanged, added to the target's."})
+    lamb: float = field(default=0.5, metadata={"help": "λ: pull towards the old weights, λ‖W - W_old‖².", "min": 0})
+    erase_scale: float = field(default=1.0, metadata={"help": "s_e: weight of the erased rows.", "gt": 0})
+    preserve_scale: float | None = field(default=None, metadata={
+        "help": "s_p: weight of the preserved rows; None: max(0.1, 1/|P|) in legacy mode, else 1.0.", "min": 0})
+    token_mode: str = field(default="legacy", metadata={
+        "help": "Which token rows are edited: legacy (2023 code), last_token (2025 rewrite) or all_tokens.",
+        "choices": list(TOKEN_MODES)})
+    edit_keys: bool = field(default=True, metadata={"help": "Edit to_k as well as to_v."})
+    expand_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "Templates such as 'painting by {concept}', each filled with the concept and with its guide."})
+    contexts: bool = field(default=False, metadata={
+        "help": "Erase each concept in every context prompt of its target (the toy: its training captions) "
+                "and keep the prompts the target keeps."})
 
 
 CONFIG = UCEConfig
 
 PRESETS = {
     "paper": {},
-    # The toy model: every training caption that names the concept, all their rows (MiniLM is bidirectional),
-    # towards the same caption with a generic value (a style: on a plain background), with the other values of
-    # its attribute preserved in theirs at scale 1. Measured (benchmarks/bench_uce_rece.py --toy, 64 images
-    # each, seeds 0 / 1): the triangle 91% -> 5% / 2%, held-out paraphrases 67% -> 20%, the other shapes within
-    # 5 points; towards "" instead the triangle stays at 14% (the unconditional model draws one 1 time in 6).
-    "toy": {"token_mode": "all_tokens", "guide": "", "toy_captions": True, "preserve_scale": 1.0},
-    # Artists: towards "art"; the paper also preserves the other 1,733 artists (pass them with preserve=...).
-    "artist": {"guide": "art", "preserve_scale": 0.1},
-    "object": {"guide": " "},
-    # RECE's starting point for nudity (RECE issue #4): guide " ", "" preserved at scale 1.0, λ 0.5.
-    "nudity": {"guide": " "},
-    # The 2025 rewrite: only the last token, guide "", no implicit "" preserve, preserve_scale 1.
-    "rewrite": {"token_mode": "last_token", "guide": "", "preserve_scale": 1.0},
+    # every caption naming the concept, all rows (MiniLM is bidirectional), the other values kept at scale 1
+    "toy": {"token_mode": "all_tokens", "contexts": True, "preserve_scale": 1.0},
+    # the paper also preserves the other artists: pass them with --preserve
+    "artist": {"preserve_scale": 0.1},
+    "object": {},
+    "nudity": {},
+    # the 2025 rewrite: only the last token, no implicit "" preserve, preserve_scale 1
+    "rewrite": {"token_mode": "last_token", "preserve_scale": 1.0},
 }
 
 
@@ -312,20 +298,36 @@ def encode_states(model, prompts: list[str], batch_size: int = 64) -> torch.Tens
     return torch.cat(chunks)
 
 
-def expand_concepts(concepts: list[str], guide: str, templates: list[str]) -> list[tuple[str, str]]:
-    """(concept prompt, guide prompt) pairs: each concept as given, then each template filled.
+def expand_pairs(concept: str, guide: Guide, templates: list[str]) -> list[tuple[str, Guide]]:
+    """(concept prompt, guide prompt) pairs of each ``expand_prompts`` template, filled with the concept and the guide.
 
-    A template is filled with the guide too ("painting by {concept}" maps to "painting by art"),
-    unless the guide is blank, which stays blank.
+    A template is filled with the guide too ("painting by {concept}" maps to "painting by art"), unless
+    the guide is blank, which stays blank.
     """
     pairs = []
-    for concept in concepts:
-        pairs.append((concept, guide))
-        for template in templates:
-            if "{concept}" not in template:
-                raise ErasekitError(f"expand_prompts template {template!r} has no {{concept}}; write e.g. 'painting by {{concept}}'")
-            pairs.append((template.format(concept=concept), template.format(concept=guide) if guide.strip() else guide))
+    for template in templates:
+        if "{concept}" not in template:
+            raise ErasekitError(f"expand_prompts template {template!r} has no {{concept}}; write e.g. 'painting by {{concept}}'")
+        if not isinstance(guide, str):
+            raise ErasekitError("expand_prompts needs a guide prompt, not a generic guide; leave expand_prompts empty here")
+        pairs.append((template.format(concept=concept), template.format(concept=guide) if guide.strip() else guide))
     return pairs
+
+
+def target_prompts(targets: list[EraseTarget], config: UCEConfig) -> tuple[list[tuple[str, Guide]], list[str]]:
+    """(prompt, guide) pairs and the preserved prompts of ``targets``: each concept (with ``contexts``, every
+    prompt of its target) and its ``expand_prompts``; the targets' and the config's preserved prompts."""
+    require(targets, "guides", "uce", "or --guide")
+    pairs, preserved = [], []
+    for target in targets:
+        count = len(target.prompts) if config.contexts else 1
+        pairs += list(zip(target.prompts[:count], target.guides[:count]))
+        pairs += expand_pairs(target.concept, target.guides[0], config.expand_prompts)
+        preserved += target.preserve
+    preserved += config.preserve
+    if config.contexts:
+        preserved += [p for target in targets for p in target.kept]
+    return list(dict.fromkeys(pairs)), list(dict.fromkeys(preserved))
 
 
 def _check(config: UCEConfig) -> None:
@@ -361,75 +363,6 @@ def uce_rows_from_states(
     return torch.cat(erase_rows), torch.cat(guide_rows), P
 
 
-Guide = str | tuple[str, ...]  # a guide prompt, or prompts whose text states are averaged (a generic value)
-
-
-def toy_caption_prompts(concepts: list[str], guide: str) -> tuple[list[tuple[str, Guide]], list[str]]:
-    """``toy_captions``: (concept caption, guide) pairs and the preserved captions.
-
-    Each concept (a toy shape name, colour or style word) is erased in every training caption
-    that names it; a named guide replaces the concept's word in the caption (whole words only).
-    A blank guide keeps the rest of the caption:
-
-    - a shape or colour: the guide is a tuple, the caption with each kept value of the attribute
-      in the concept's place (shapes by their first name), whose text states are averaged by
-      :func:`encode_guides` into a generic shape or colour. Erasing towards "" instead draws the
-      unconditional model's random shape (the erased one about one time in six) and loses the
-      caption's colour and style. With every value of the attribute erased the guide is "".
-    - a style: the same caption on a plain background ("a red triangle on a striped background"
-      -> "a red triangle on a plain background"): the plain style is the toy world's absence of
-      a style (measured: erasing stripes towards "" cost 15 points of shape accuracy, towards the
-      plain captions 3).
-
-    The other values of each concept's attribute are preserved in their captions, except values
-    that are themselves erased and captions that are erased for another concept.
-    """
-    from erasekit.toy import world
-
-    named = {}
-    for concept in concepts:
-        try:
-            named[concept] = world.attribute_of(concept)
-        except KeyError:
-            raise ErasekitError(
-                f"toy_captions: {concept!r} is not a shape, colour or style name of the toy world; "
-                "use one of its names (e.g. triangle, red, stripes) or --set toy_captions=false"
-            ) from None
-    erased_values = set(named.values())
-
-    def name_of(attribute: str, value: str) -> str:
-        return world.SHAPE_NAMES[value][0] if attribute == "shape" else value
-
-    pairs: list[tuple[str, Guide]] = []
-    for concept, (attribute, value) in named.items():
-        words = world.STYLE_WORDS[value] if attribute == "style" else (concept,)
-        kept = [v for v in world.ATTRIBUTES[attribute] if (attribute, v) not in erased_values]
-        for caption in world.training_captions(attribute, value, shape_name=concept if attribute == "shape" else None):
-            if guide.strip():
-                guided = caption
-                for word in words:
-                    guided = world.replace_words(guided, word, guide)
-                pairs.append((caption, guided))
-            elif attribute == "style" and value != "plain":
-                pairs.append((caption, world.restyle(caption, value, "plain")))
-            elif attribute != "style" and kept:
-                pairs.append((caption, tuple(world.replace_words(caption, concept, name_of(attribute, v)) for v in kept)))
-            else:
-                pairs.append((caption, guide))
-    erased_captions = {caption for caption, _ in pairs}
-    preserved = []
-    for attribute, value in dict.fromkeys(named.values()):
-        for other in world.ATTRIBUTES[attribute]:
-            if (attribute, other) not in erased_values:
-                preserved += world.training_captions(attribute, other)
-    return pairs, [p for p in dict.fromkeys(preserved) if p not in erased_captions]
-
-
-def guide_prompts(guide: Guide) -> tuple[str, ...]:
-    """The prompts of a guide: itself, or the prompts of a generic guide."""
-    return (guide,) if isinstance(guide, str) else tuple(guide)
-
-
 def encode_guides(model, guides: list[Guide]) -> torch.Tensor:
     """(guides, tokens, dim) text states: a prompt's own, or the mean of a generic guide's prompts' states.
 
@@ -451,15 +384,9 @@ def guide_last_word_index(model, guide: Guide) -> int:
     return model.last_word_index(guide_prompts(guide)[0])
 
 
-def uce_rows(model, concepts: list[str], preserve: list[str], config: UCEConfig):
+def uce_rows(model, targets: list[EraseTarget], config: UCEConfig):
     """Encode the prompts and select UCE's rows: (erase rows E, guide rows G, preserve rows P, preserved prompts)."""
-    pairs: list[tuple[str, Guide]] = expand_concepts(concepts, config.guide, config.expand_prompts)
-    preserved = list(dict.fromkeys([*preserve, *config.preserve]))
-    if config.toy_captions:
-        toy_pairs, toy_preserved = toy_caption_prompts(concepts, config.guide)
-        toy_guides = dict(toy_pairs)
-        pairs = list(dict.fromkeys([(c, toy_guides.get(c, g)) for c, g in pairs] + toy_pairs))
-        preserved = list(dict.fromkeys(preserved + toy_preserved))
+    pairs, preserved = target_prompts(targets, config)
     if config.token_mode in ("legacy", "all_tokens") and "" not in preserved:
         preserved.append("")  # the 2023 code always preserves the empty prompt
     states = encode_guides(model, [c for c, _ in pairs] + [g for _, g in pairs] + preserved)
@@ -473,12 +400,12 @@ def uce_rows(model, concepts: list[str], preserve: list[str], config: UCEConfig)
     return E, G, P, preserved
 
 
-def uce_edit(model, concepts: list[str], preserve=(), config: UCEConfig | None = None):
-    """Solve UCE for the model's prompts: (solution, original to_k/to_v weights by name, info)."""
+def uce_edit(model, targets: list[EraseTarget], config: UCEConfig | None = None):
+    """Solve UCE for the targets' prompts: (solution, original to_k/to_v weights by name, info)."""
     config = config or UCEConfig()
     _check(config)
     started = time.perf_counter()
-    E, G, P, preserved = uce_rows(model, list(concepts), list(preserve), config)
+    E, G, P, preserved = uce_rows(model, targets, config)
     preserve_scale = resolve_preserve_scale(config.preserve_scale, config.token_mode, len(preserved))
     original = key_value_weights(model, original=True, edit_keys=config.edit_keys)
     solution = uce_solve(E, G, P, config.lamb, config.erase_scale, preserve_scale)
@@ -490,12 +417,12 @@ def uce_edit(model, concepts: list[str], preserve=(), config: UCEConfig | None =
     return solution, original, info
 
 
-def erase(model, concepts, preserve=(), config: UCEConfig | None = None, progress: bool = True) -> Erasure:
-    """Erase ``concepts`` with UCE: one float64 closed-form solve for all concepts and all to_k/to_v."""
+def erase(model, targets: list[EraseTarget], config: UCEConfig | None = None, progress: bool = True) -> Erasure:
+    """Erase the targets with UCE: one float64 closed-form solve for all concepts and all to_k/to_v."""
     config = config or UCEConfig()
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
     started = time.perf_counter()
-    solution, original, info = uce_edit(model, concepts, preserve, config)
+    solution, original, info = uce_edit(model, targets, config)
     deltas = uce_deltas(original, solution)
     info["seconds"] = round(time.perf_counter() - started, 3)
-    return Erasure.from_deltas(model, "uce", concepts, dataclasses.asdict(config), deltas, info)
+    info["targets"] = [t.describe() for t in targets]
+    return Erasure.from_deltas(model, "uce", [t.concept for t in targets], dataclasses.asdict(config), deltas, info)

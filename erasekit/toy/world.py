@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from erasekit.errors import ErasekitError
+
 IMAGE_SIZE = 24
 _SUPERSAMPLE = 4  # shapes are drawn at 4x resolution and box-filtered: clean edges
 
@@ -120,22 +122,30 @@ def training_caption(scene: Scene, rng: np.random.Generator) -> str:
     return template.format(s=word, c=scene.color, a=adjective, n=noun)
 
 
-def attribute_of(name: str) -> tuple[str, str]:
-    """(attribute, value) that a word or phrase names in the toy world: "three-sided shape" ->
-    ("shape", "triangle"), "striped" -> ("style", "stripes"), "red" -> ("color", "red").
+def parse_concept(text: str) -> tuple[str, str]:
+    """(attribute, value) that a toy concept names, the one parser of toy concepts.
 
-    Raises ``KeyError`` for names the toy world does not know (held-out paraphrases included:
-    they are for attacks, not for training captions).
+    Case and surrounding spaces are ignored. A shape by its key, a training name or a held-out
+    paraphrase ("Three-sided shape", "pyramid" -> ("shape", "triangle")); a colour; a style by
+    its key, adjective or noun ("striped", "stripes" -> ("style", "stripes")). Anything else is
+    an ``ErasekitError`` that lists the choices.
     """
-    for shape, names in SHAPE_NAMES.items():
-        if name == shape or name in names:
+    name = " ".join(text.strip().lower().split())
+    for shape in SHAPES:
+        if name == shape or name in SHAPE_NAMES[shape] or name in HELD_OUT_SHAPE_NAMES[shape]:
             return "shape", shape
     if name in COLORS:
         return "color", name
     for style, words in STYLE_WORDS.items():
-        if name == style or name in words:
+        if name == style or (name in words and name != "nothing"):
             return "style", style
-    raise KeyError(name)
+    raise ErasekitError(f"{text!r} is not a toy-world concept; choose a shape ({', '.join(SHAPES)}), "
+                        f"a colour ({', '.join(COLOR_NAMES)}) or a style ({', '.join(STYLES)})")
+
+
+def concept_word(attribute: str, value: str) -> str:
+    """The word the toy's captions use for a value: a shape's first name, a style's adjective, the colour."""
+    return SHAPE_NAMES[value][0] if attribute == "shape" else STYLE_WORDS[value][0] if attribute == "style" else value
 
 
 def replace_words(caption: str, old: str, new: str) -> str:
