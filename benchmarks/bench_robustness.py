@@ -33,7 +33,6 @@ attacks it can be given, by a margin smaller than the spread between seeds for s
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

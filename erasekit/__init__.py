@@ -17,5 +17,5 @@ from erasekit.resolve import erase, resolve_targets
 
 __all__ = [
     "Conditioning", "Erasure", "ErasekitError", "ModelHandle", "apply_erasures", "erase", "load_model", "resolve_targets",
-    "save_pipeline",
+    "save_pipeline", "__version__",
 ]

@@ -6,7 +6,6 @@ Bad input exits with status 2 and one line, ``erasekit: error: <problem>; <fix>`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

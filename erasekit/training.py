@@ -192,6 +192,31 @@ def weights_digest(tensors: dict[str, torch.Tensor], samples: int = 4096) -> str
     return digest.hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------------------------ the loop
+def run(trainer, name: str, description: str, progress: bool = True, postfix=None) -> None:
+    """Run (or continue) ``trainer`` to ``trainer.config.iterations``, checkpointing on the way if asked.
+
+    ``trainer`` has ``config`` (iterations and :class:`CheckpointConfig` fields), ``iteration``,
+    ``step()``, ``checkpoint_key()``, ``training_state()`` and ``load_state(step, tensors, state)``;
+    ``postfix(result of step)`` gives the progress bar's figures.
+    """
+    from tqdm.auto import tqdm
+
+    config = trainer.config
+    checkpoints, saved = resume_or_start(config, name, trainer.checkpoint_key())
+    if saved is not None:
+        trainer.load_state(*saved)
+    bar = tqdm(total=config.iterations, initial=min(trainer.iteration, config.iterations), desc=description, disable=not progress)
+    with bar:
+        while trainer.iteration < config.iterations:
+            result = trainer.step()
+            bar.update(1)
+            if postfix is not None:
+                bar.set_postfix(postfix(result))
+            if checkpoints is not None and trainer.iteration % config.checkpoint_every == 0:
+                checkpoints.save(trainer.iteration, *trainer.training_state())
+
+
 # -------------------------------------------------------------------------------------- precision
 class Precision:
     """Autocast and gradient scaling for one run: float32 master weights, CUDA autocast in bf16/fp16."""

@@ -86,15 +86,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import Conditioning
 from erasekit.targets import EraseTarget
+from erasekit import training
 from erasekit.training import (
     MIXED_PRECISION, CheckpointConfig, Precision, comparable, generator_state, load_optimizer_state, optimizer_state,
-    resume_or_start, set_generator_state, weights_digest,
+    set_generator_state, weights_digest,
 )
 
 PARAMETER_SETS = ("xattn", "noxattn", "full", "selfattn", "xattn-strict")
@@ -350,22 +350,8 @@ class ESDTrainer:
         return loss
 
     def train(self, progress: bool = True) -> None:
-        """Run (or continue) to ``config.iterations``, checkpointing on the way if asked."""
-        config = self.config
-        checkpoints, saved = resume_or_start(config, "esd", self.checkpoint_key())
-        if saved is not None:
-            self.load_state(*saved)
-        bar = tqdm(
-            total=config.iterations, initial=min(self.iteration, config.iterations),
-            desc=f"ESD {', '.join(self.concepts)}", disable=not progress,
-        )
-        with bar:
-            while self.iteration < config.iterations:
-                loss = self.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if checkpoints is not None and self.iteration % config.checkpoint_every == 0:
-                    checkpoints.save(self.iteration, *self.training_state())
+        """Run (or continue) to ``config.iterations``, checkpointing on the way if asked (:func:`erasekit.training.run`)."""
+        training.run(self, "esd", f"ESD {', '.join(self.concepts)}", progress, lambda loss: {"loss": f"{loss:.4f}"})
 
     # ------------------------------------------------------------------- the result
     def deltas(self) -> dict[str, torch.Tensor]:

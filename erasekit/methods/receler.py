@@ -104,17 +104,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from erasekit import training
 from erasekit.erasure import Erasure, model_signature
 from erasekit.errors import ErasekitError
-from erasekit.targets import EraseTarget
 from erasekit.models.attention import hooked_processor, remove_hooks
 from erasekit.models.handle import Conditioning
 from erasekit.modules.receler import Eraser, eraser_state
+from erasekit.targets import EraseTarget
 from erasekit.training import (
-    CheckpointConfig, comparable, generator_state, load_optimizer_state, optimizer_state, resume_or_start,
-    set_generator_state, weights_digest,
+    CheckpointConfig, comparable, generator_state, load_optimizer_state, optimizer_state, set_generator_state,
+    weights_digest,
 )
 
 TIMESTEP_COUPLINGS = ("official", "aligned")
@@ -498,25 +498,14 @@ class RecelerTrainer:
         return losses
 
     def train(self, progress: bool = True) -> None:
-        """Run (or continue) to ``config.iterations``, checkpointing on the way if asked."""
-        config = self.config
-        checkpoints, saved = resume_or_start(config, "receler", self.checkpoint_key())
-        if saved is not None:
-            self.load_state(*saved)
-        bar = tqdm(
-            total=config.iterations, initial=min(self.iteration, config.iterations),
-            desc=f"Receler {', '.join(self.concepts)}", disable=not progress,
-        )
-        with bar:
-            while self.iteration < config.iterations:
-                losses = self.step()
-                bar.update(1)
-                postfix = {"loss": f"{losses['loss']:.4f}", "reg": f"{losses['regularization']:.2e}"}
-                if config.adversarial_steps:
-                    postfix["attack"] = f"{losses['attack']:.4f}"
-                bar.set_postfix(postfix)
-                if checkpoints is not None and self.iteration % config.checkpoint_every == 0:
-                    checkpoints.save(self.iteration, *self.training_state())
+        """Run (or continue) to ``config.iterations``, checkpointing on the way if asked (:func:`erasekit.training.run`)."""
+        def postfix(losses):
+            figures = {"loss": f"{losses['loss']:.4f}", "reg": f"{losses['regularization']:.2e}"}
+            if self.config.adversarial_steps:
+                figures["attack"] = f"{losses['attack']:.4f}"
+            return figures
+
+        training.run(self, "receler", f"Receler {', '.join(self.concepts)}", progress, postfix)
 
     # ------------------------------------------------------------------------ the result
     def state(self) -> dict[str, torch.Tensor]:
