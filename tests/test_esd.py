@@ -253,7 +253,8 @@ def test_gradient_checkpointing_gives_the_same_result(model):
 def test_clear_errors(model):
     with pytest.raises(ErasekitError, match="no preserve term"):
         esd.erase(model, prompt_targets(["triangle"], preserve=["circle"]), config=ESDConfig(**TINY), progress=False)
-    for bad in ({"sample_with": "teacher"}, {"mixed_precision": "int8"}, {"resume": True}, {"parameter_set": "xyz"}):
+    for bad in ({"sample_with": "teacher"}, {"mixed_precision": "int8"}, {"resume": True}, {"parameter_set": "xyz"},
+                {"parameter_set": "esd-u"}, {"target_base": "empty"}, {"timestep_coupling": "official"}):
         with pytest.raises(ErasekitError):
             esd.erase(model, prompt_targets(["triangle"]), config=ESDConfig(**{**TINY, **bad}), progress=False)
     assert not any(p.requires_grad for p in model.unet.parameters())
@@ -267,7 +268,13 @@ def test_presets_build():
     assert (fast.iterations, fast.learning_rate, fast.negative_guidance, fast.sample_with, fast.mixed_precision) == (
         200, 5e-5, 2.0, "frozen", "bf16")
     assert fast.parameter_set == "noxattn"
+    assert (fast.target_base, fast.timestep_coupling) == ("concept", "aligned")  # the rewrite's base and t = timesteps[k]
     assert build_config("esd", "toy").ddim_steps == 10
+    for name in ("paper", "toy"):
+        assert (build_config("esd", name).target_base, build_config("esd", name).timestep_coupling) == ("unconditional", "aligned")
+    assert build_config("esd", "compvis") == dataclasses.replace(ESDConfig(), timestep_coupling="compvis")
+    with pytest.raises(ErasekitError, match="esd-u-compvis.*esd-u-diffusers"):  # the CLI path refuses the ambiguous alias
+        build_config("esd", None, {"parameter_set": "esd-u"})
 
 
 # --------------------------------------------------------------------- the trained toy

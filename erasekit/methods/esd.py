@@ -11,6 +11,13 @@ carries them. With ``erase_from = c_f`` (the diffusers rewrite's variant, e.g. "
 "cowboy") the target is ε_θ*(x_t, c_f) - η (ε_θ*(x_t, c) - ε_θ*(x_t, "")), the trained
 prediction is ε_θ(x_t, c_f), and x_t is sampled from c_f.
 
+**Target base** (``target_base``; research notes, 1.4 "Correction"). Without ``erase_from``
+the official diffusers rewrite (HEAD ``esd_sd.py`` / ``esd_sdxl.py``) bases the target on
+the concept's own frozen prediction, ε_θ*(x_t, c) - η (ε_θ*(x_t, c) - ε_θ*(x_t, "")): the
+paper's form with η - 1, so the rewrite's η = 2 is the paper's η = 1. ``"unconditional"``
+(the default) is the paper's base ε_θ*(x_t, ""), ``"concept"`` the rewrite's. With
+``erase_from`` the base is ε_θ*(x_t, c_f) whatever ``target_base`` says.
+
 **Where x_t comes from** (no images are used; research notes, section 1.2). Each iteration
 draws one concept (uniformly, when several are given), a DDIM index k uniformly from
 {0 .. ddim_steps-1} and fresh noise; x_t is the latent after k steps of ``ddim_steps``-step
@@ -30,16 +37,34 @@ for diffusers' index order (the notes' "mapping pitfall"); see :func:`ddim_times
 With ``batch_size`` B > 1 the B latents of an iteration share the concept and k (one DDIM
 run) and each draws its own t from the interval.
 
+That is ``timestep_coupling="aligned"`` (the default, and what the diffusers rewrite does:
+t = timesteps[k] after k steps). ``"compvis"`` reproduces the CompVis code's coupling
+(``train-esd.py`` with its patched DDIM sampler): t is drawn from the CompVis interval
+[T k/N, T (k+1)/N) and the sampler runs min(N, N + 1 - k) steps, so x_t sits two DDIM
+steps *less* noisy than t (k = 0 and 1 give a fully denoised x_t). Both come from one
+function, :func:`erasekit.methods.receler.coupled_timesteps` (Receler's ``official`` is
+``compvis`` here); see :func:`coupled_steps`.
+
 **Which parameters train** (``parameter_set``; research notes, section 1.3), by diffusers
-parameter names, all parameters (weights, biases and norms) of the selected modules:
+parameter names, all parameters (weights, biases and norms) of the selected modules
+(``noxattn-linear`` excepted: Linear/Conv2d weights and biases only):
 
 ``xattn`` (ESD-x, alias ``esd-x``)
     everything inside cross-attention modules (``attn2``: to_q, to_k, to_v, to_out).
-``noxattn`` (ESD-u, alias ``esd-u``)
+``noxattn`` (CompVis ESD-u, alias ``esd-u-compvis``)
     the CompVis ``noxattn`` set: everything except ``attn2``, the time embedding
     (``time_embedding``, ``time_emb``; SDXL's ``add_embedding``) and the output layer
-    (``conv_norm_out`` and ``conv_out``, CompVis ``out.``). The ResNets' own time
-    projections (``time_emb_proj``, CompVis ``emb_layers``) stay trainable, as in CompVis.
+    (``conv_norm_out`` and ``conv_out``, CompVis ``out.``), norms included. The ResNets'
+    own time projections (``time_emb_proj``, CompVis ``emb_layers``) stay trainable, as in
+    CompVis. 598 tensors (813.5 M values) on SD 1.4's layout.
+``noxattn-linear`` (the diffusers rewrite's ESD-u, alias ``esd-u-diffusers``)
+    HEAD ``esd_sd.py``'s ``esd-u``: the weight and bias of every ``nn.Linear`` /
+    ``nn.Conv2d`` module outside ``attn2``, so ``conv_in``, ``conv_out`` and the time
+    embedding train and no norm does. 388 tensors (815.4 M values) on SD 1.4's layout.
+    (``esd_sdxl.py``'s experimental ``esd-u`` further keeps only ``block`` modules without
+    ``emb``; that filter is not reproduced.)
+``esd-u`` alone
+    refused with an error naming both: the two official codes mean different sets by it.
 ``full`` (alias ``esd-all``)
     every UNet parameter.
 ``selfattn``
@@ -64,17 +89,23 @@ float32 under autocast in its own dtype.
 **Checkpoints** go through :mod:`erasekit.training`: with ``checkpoint_dir`` every
 ``checkpoint_every`` iterations, and ``resume=True`` continues bit for bit (on the CPU).
 
-Presets (``PRESETS``):
+Presets (``PRESETS``); each one's last line says which official script and settings it reproduces:
 
 ``paper``
-    the paper / CompVis recipe (the defaults): 1000 iterations, Adam at 1e-5, batch 1,
-    η = 1, start guidance 3, 50-step DDIM, x_t sampled with the trained model, fp32, ESD-x.
+    the paper's recipe (the defaults): 1000 iterations, Adam at 1e-5, batch 1, η = 1, start
+    guidance 3, 50-step DDIM, x_t sampled with the trained model, fp32, ESD-x.
+    Reproduces: CompVis ``train-scripts/train-esd.py`` (a2189e9) defaults, unconditional base, but aligned coupling.
+``compvis``
+    ``paper`` with ``timestep_coupling="compvis"``.
+    Reproduces: CompVis ``train-scripts/train-esd.py`` (a2189e9) defaults with its x_t/t coupling, unconditional base.
 ``fast``
-    the official diffusers rewrite (``esd_sd.py``): 200 iterations, Adam at 5e-5, η = 2,
-    x_t sampled with the frozen model, bf16 autocast on a GPU.
+    200 iterations, Adam at 5e-5, η = 2 on the concept base, x_t sampled with the frozen
+    model, bf16 autocast on a GPU.
+    Reproduces: HEAD ``esd_sd.py`` without ``--erase_from`` (concept base, η = 2), aligned coupling; not its 1024 px.
 ``toy``
     for the bundled toy model: 200 iterations of ESD-x at batch 2, Adam at 3e-4, η = 1, x_t from
     10-step DDIM (what it reaches and what was tried: ``docs/toy-presets.md``).
+    Reproduces: no official script; unconditional base, aligned coupling.
 """
 
 from __future__ import annotations
@@ -89,6 +120,7 @@ import torch.nn.functional as F
 
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
+from erasekit.methods.receler import coupled_timesteps
 from erasekit.models.handle import Conditioning
 from erasekit.targets import EraseTarget
 from erasekit import training
@@ -97,11 +129,23 @@ from erasekit.training import (
     set_generator_state, weights_digest,
 )
 
-PARAMETER_SETS = ("xattn", "noxattn", "full", "selfattn", "xattn-strict")
-PARAMETER_SET_ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full", "esd-x-strict": "xattn-strict"}
+PARAMETER_SETS = ("xattn", "noxattn", "noxattn-linear", "full", "selfattn", "xattn-strict")
+PARAMETER_SET_ALIASES = {
+    "esd-x": "xattn", "esd-u-compvis": "noxattn", "esd-u-diffusers": "noxattn-linear", "esd-all": "full",
+    "esd-x-strict": "xattn-strict",
+}
+# "esd-u" names two different sets in the two official codes, so it is refused, never guessed.
+AMBIGUOUS_PARAMETER_SETS = {
+    "esd-u": "esd-u is ambiguous: pass esd-u-compvis (noxattn: the CompVis code's ESD-u, norms trained, time embedding and "
+             "conv_out frozen) or esd-u-diffusers (noxattn-linear: the diffusers rewrite's, Linear/Conv2d only, time "
+             "embedding and conv_out trained, norms frozen)",
+}
 # Top-level UNet modules ESD-u leaves alone: the time embedding(s) and the output layer (CompVis ``time_embed``, ``out.``).
 ESD_U_EXCLUDED = ("time_embedding", "time_emb", "add_embedding", "conv_norm_out", "conv_out")
 SAMPLE_WITH = ("trained", "frozen")
+TARGET_BASES = ("unconditional", "concept")
+# ESD's name -> Receler's name of the same coupling (one implementation: receler.coupled_timesteps)
+TIMESTEP_COUPLINGS = {"aligned": "aligned", "compvis": "official"}
 
 
 @dataclass
@@ -111,13 +155,23 @@ class ESDConfig(CheckpointConfig):
     iterations: int = field(default=1000, metadata={"help": "Training iterations (optimiser steps).", "min": 1})
     learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate of the trained parameters.", "gt": 0})
     negative_guidance: float = field(default=1.0, metadata={"help": "η: how far the target is pushed away from the concept."})
+    target_base: str = field(default="unconditional", metadata={
+        "help": "Base of the target: unconditional (the paper, ε*(x_t,\"\") - η Δ) or concept (the diffusers rewrite, "
+                "ε*(x_t,c) - η Δ, i.e. the paper's form with η - 1); with erase_from set the base is ε*(x_t,c_f) "
+                "whatever this says.",
+        "choices": TARGET_BASES})
     batch_size: int = field(default=1, metadata={"help": "Latents per iteration (they share the concept and DDIM step).", "min": 1})
     start_guidance: float = field(default=3.0, metadata={"help": "Classifier-free guidance while sampling x_t."})
     ddim_steps: int = field(default=50, metadata={"help": "Steps of the DDIM schedule (eta 0) x_t is sampled on.", "min": 1})
+    timestep_coupling: str = field(default="aligned", metadata={
+        "help": "How t follows the DDIM index k: aligned (x_t after k steps, t from the slice holding timesteps[k]) or compvis (the "
+                "CompVis code: t from [T k/N, T(k+1)/N), x_t after min(N, N+1-k) steps, two steps less noisy than t).",
+        "choices": tuple(TIMESTEP_COUPLINGS)})
     resolution: int | None = field(default=None, metadata={
         "help": "Image side in pixels (none: the model's default).", "min": 1})
     parameter_set: str = field(default="xattn", metadata={
-        "help": "Which UNet parameters train: xattn (ESD-x), noxattn (ESD-u), full, selfattn or xattn-strict.",
+        "help": "Which UNet parameters train: xattn (ESD-x), noxattn (CompVis ESD-u), noxattn-linear (the diffusers "
+                "rewrite's ESD-u), full, selfattn or xattn-strict (esd-u alone is ambiguous and refused).",
         "choices": (*PARAMETER_SETS, *PARAMETER_SET_ALIASES)})
     sample_with: str = field(default="trained", metadata={
         "help": "Which model samples x_t: trained (the paper) or frozen (the diffusers rewrite).", "choices": SAMPLE_WITH})
@@ -133,19 +187,36 @@ CONFIG = ESDConfig
 
 PRESETS = {
     "paper": {},
-    "fast": {"iterations": 200, "learning_rate": 5e-5, "negative_guidance": 2.0, "sample_with": "frozen", "mixed_precision": "bf16"},
+    "compvis": {"timestep_coupling": "compvis"},
+    "fast": {"iterations": 200, "learning_rate": 5e-5, "negative_guidance": 2.0, "target_base": "concept",
+             "sample_with": "frozen", "mixed_precision": "bf16"},
     "toy": {"iterations": 200, "learning_rate": 3e-4, "negative_guidance": 1.0, "batch_size": 2, "ddim_steps": 10},
 }
 
 
 
 # ---------------------------------------------------------------------------- parameter sets
-def select_parameters(unet: torch.nn.Module, parameter_set: str) -> list[str]:
-    """Names of the UNet parameters that ``parameter_set`` trains (see the module docstring)."""
+def canonical_parameter_set(parameter_set: str) -> str:
+    """The canonical name of a parameter set or alias; "esd-u" and unknown names are refused (one line)."""
+    if parameter_set in AMBIGUOUS_PARAMETER_SETS:
+        raise ErasekitError(f"ESD parameter_set {AMBIGUOUS_PARAMETER_SETS[parameter_set]}")
     kind = PARAMETER_SET_ALIASES.get(parameter_set, parameter_set)
     if kind not in PARAMETER_SETS:
         choices = ", ".join([*PARAMETER_SETS, *PARAMETER_SET_ALIASES])
         raise ErasekitError(f"unknown ESD parameter_set {parameter_set!r}; choose one of: {choices}")
+    return kind
+
+
+def select_parameters(unet: torch.nn.Module, parameter_set: str) -> list[str]:
+    """Names of the UNet parameters that ``parameter_set`` trains (see the module docstring)."""
+    kind = canonical_parameter_set(parameter_set)
+    # noxattn-linear: the parameters of Linear/Conv2d modules (diffusers' LoRACompatible ones subclass them)
+    linear = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "attn2" not in module_name.split(".")
+        for name, _ in module.named_parameters(recurse=False)
+    } if kind == "noxattn-linear" else set()
     selected = []
     for name, _ in unet.named_parameters():
         parts = name.split(".")
@@ -157,6 +228,8 @@ def select_parameters(unet: torch.nn.Module, parameter_set: str) -> list[str]:
             keep = any(a == "attn2" and b in ("to_k", "to_v") for a, b in zip(parts, parts[1:]))
         elif kind == "noxattn":
             keep = "attn2" not in parts and parts[0] not in ESD_U_EXCLUDED
+        elif kind == "noxattn-linear":
+            keep = name in linear
         else:  # full
             keep = True
         if keep:
@@ -174,11 +247,22 @@ def ddim_timestep_range(index: int, ddim_steps: int, num_train_timesteps: int = 
     ``index``-th slice of [0, T) counted from the top: index 0 (pure noise) gives
     [T - T/N, T), index N-1 gives [0, T/N). ``scheduler.timesteps[index]`` lies inside.
     """
-    if not 0 <= index < ddim_steps:
-        raise ErasekitError(f"DDIM index {index} is outside 0..{ddim_steps - 1}")
-    low = num_train_timesteps * (ddim_steps - 1 - index) // ddim_steps
-    high = num_train_timesteps * (ddim_steps - index) // ddim_steps
-    return low, max(high, low + 1)
+    _, low, high = coupled_timesteps(index, ddim_steps, num_train_timesteps, "aligned")
+    return low, high
+
+
+def coupled_steps(index: int, ddim_steps: int, num_train_timesteps: int, coupling: str) -> tuple[int, int, int]:
+    """(DDIM steps run to make x_t, low, high) for DDIM index ``index``; t is drawn from [low, high).
+
+    ``aligned``: ``index`` steps, the interval of :func:`ddim_timestep_range` (it holds
+    ``scheduler.timesteps[index]``). ``compvis``: min(N, N + 1 - index) steps and the CompVis
+    interval [T index / N, T (index + 1) / N), so x_t is two DDIM steps less noisy than t
+    (index 0 and 1: a fully denoised x_t). One implementation, Receler's
+    :func:`erasekit.methods.receler.coupled_timesteps` (its ``official`` is ``compvis`` here).
+    """
+    if coupling not in TIMESTEP_COUPLINGS:
+        raise ErasekitError(f"timestep_coupling must be one of {', '.join(TIMESTEP_COUPLINGS)}, not {coupling!r}")
+    return coupled_timesteps(index, ddim_steps, num_train_timesteps, TIMESTEP_COUPLINGS[coupling])
 
 
 def sample_training_timesteps(index: int, ddim_steps: int, num_train_timesteps: int, batch: int,
@@ -193,7 +277,8 @@ def sample_x_t(model, cond: Conditioning, uncond: Conditioning, index: int, nois
                ddim_steps: int, guidance: float, scheduler=None) -> torch.Tensor:
     """The latent after ``index`` steps of ``ddim_steps``-step DDIM (eta 0) from ``noise``, with CFG ``guidance``.
 
-    It sits at ``scheduler.timesteps[index]``: index 0 returns the noise itself.
+    It sits at ``scheduler.timesteps[index]``: index 0 returns the noise itself, index
+    ``ddim_steps`` the fully denoised sample (the compvis coupling's k = 0 and 1).
     """
     return model.sample(
         cond, uncond=uncond, guidance=guidance, num_inference_steps=ddim_steps,
@@ -217,9 +302,12 @@ def _check_config(config: ESDConfig) -> None:
         raise ErasekitError("resume=True needs checkpoint_dir: the folder the interrupted run wrote its checkpoints to")
     if config.erase_from is not None and not config.erase_from.strip():
         raise ErasekitError("erase_from is empty; pass the broader prompt to erase from, or None")
-    if PARAMETER_SET_ALIASES.get(config.parameter_set, config.parameter_set) not in PARAMETER_SETS:
-        choices = ", ".join([*PARAMETER_SETS, *PARAMETER_SET_ALIASES])
-        raise ErasekitError(f"unknown ESD parameter_set {config.parameter_set!r}; choose one of: {choices}")
+    if config.target_base not in TARGET_BASES:
+        raise ErasekitError(f"target_base must be one of {', '.join(TARGET_BASES)}, not {config.target_base!r}")
+    if config.timestep_coupling not in TIMESTEP_COUPLINGS:
+        raise ErasekitError(
+            f"timestep_coupling must be one of {', '.join(TIMESTEP_COUPLINGS)}, not {config.timestep_coupling!r}")
+    canonical_parameter_set(config.parameter_set)
 
 
 class ESDTrainer:
@@ -299,7 +387,11 @@ class ESDTrainer:
 
     # ------------------------------------------------------------------- one update
     def target(self, x_t: torch.Tensor, t: torch.Tensor, concept_index: int) -> torch.Tensor:
-        """ε*(x_t, c_f or "") - η (ε*(x_t, c) - ε*(x_t, "")) from the frozen model, without gradients."""
+        """base - η (ε*(x_t, c) - ε*(x_t, "")) from the frozen model, without gradients.
+
+        base is ε*(x_t, c_f) with ``erase_from``; otherwise ε*(x_t, "") (``target_base="unconditional"``,
+        the paper) or ε*(x_t, c) (``"concept"``, the diffusers rewrite).
+        """
         batch = x_t.shape[0]
         conds = [self.cond[concept_index].repeat(batch), self.uncond.repeat(batch)]
         if self.erase_from is not None:
@@ -308,8 +400,11 @@ class ESDTrainer:
             eps = self.model.predict_noise(torch.cat([x_t] * len(conds)), t.repeat(len(conds)), Conditioning.cat(conds))
             eps = eps.float().chunk(len(conds))
         eps_concept, eps_empty = eps[0], eps[1]
-        eps_source = eps[2] if self.erase_from is not None else eps_empty
-        return eps_source - self.config.negative_guidance * (eps_concept - eps_empty)
+        if self.erase_from is not None:
+            base = eps[2]
+        else:
+            base = eps_concept if self.config.target_base == "concept" else eps_empty
+        return base - self.config.negative_guidance * (eps_concept - eps_empty)
 
     def train_step(self, x_t: torch.Tensor, t: torch.Tensor, concept_index: int) -> float:
         """One Adam step on L = || ε_θ(x_t, c or c_f, t) - target ||² (mean squared error); returns L."""
@@ -323,24 +418,29 @@ class ESDTrainer:
         return float(loss.detach())
 
     def draw(self) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        """This iteration's random choices: concept index, DDIM index k, timesteps t and starting noise."""
+        """This iteration's random choices: concept index, DDIM steps to run for x_t, timesteps t, starting noise.
+
+        A DDIM index k is drawn uniformly from {0 .. ddim_steps-1}; :func:`coupled_steps` turns it
+        into the steps to run and t's interval under ``timestep_coupling`` (aligned: k steps).
+        """
         config, generator = self.config, self.generator
         concept_index = int(torch.randint(len(self.concepts), (1,), generator=generator))
         index = int(torch.randint(config.ddim_steps, (1,), generator=generator))
-        t = sample_training_timesteps(index, config.ddim_steps, self.num_train_timesteps, config.batch_size, generator)
+        steps, low, high = coupled_steps(index, config.ddim_steps, self.num_train_timesteps, config.timestep_coupling)
+        t = torch.randint(low, high, (config.batch_size,), generator=generator)
         noise = torch.randn(self.latent_shape, generator=generator) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        return concept_index, index, t, noise.to(self.device, self.dtype)
+        return concept_index, steps, t, noise.to(self.device, self.dtype)
 
     def step(self) -> float:
         """One ESD iteration: draw, sample x_t, one update."""
         config = self.config
-        concept_index, index, t, noise = self.draw()
+        concept_index, steps, t, noise = self.draw()
         batch = config.batch_size
         source = self.erase_from if self.erase_from is not None else self.cond[concept_index]
         sampler = self.frozen() if config.sample_with == "frozen" else contextlib.nullcontext()
         with torch.no_grad(), sampler, self.autocast():
             x_t = sample_x_t(
-                self.model, source.repeat(batch), self.uncond.repeat(batch), index, noise,
+                self.model, source.repeat(batch), self.uncond.repeat(batch), steps, noise,
                 ddim_steps=config.ddim_steps, guidance=config.start_guidance, scheduler=self.scheduler,
             )
         loss = self.train_step(x_t.to(self.dtype), t, concept_index)
@@ -385,7 +485,7 @@ class ESDTrainer:
                  for i in range(0, len(self.losses), window)]
         return {
             "iterations": self.iteration,
-            "parameter_set": PARAMETER_SET_ALIASES.get(self.config.parameter_set, self.config.parameter_set),
+            "parameter_set": canonical_parameter_set(self.config.parameter_set),
             "trained_parameters": sum(p.numel() for p in self.parameters.values()),
             "trained_tensors": len(self.parameters),
             "loss_curve": curve,
