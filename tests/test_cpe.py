@@ -181,8 +181,8 @@ def test_training_moves_the_concept_towards_its_target_and_keeps_anchors(model, 
         target_gap_after += (after_c[name] - target).pow(2).sum().item()
         concept_move += (after_c[name] - before_c[name]).pow(2).sum().item()
         anchor_move += (after_a[name] - before_a[name]).pow(2).sum().item()
-    assert target_gap_after < 0.7 * target_gap_before  # the concept's keys/values moved towards the target (0.50 measured)
-    assert anchor_move < 1e-3 * concept_move  # the anchors' barely moved (1.5e-6 measured)
+    assert target_gap_after < 0.7 * target_gap_before  # the concept's keys/values moved towards the target (0.49 measured)
+    assert anchor_move < 1e-3 * concept_move  # the anchors' barely moved (1.1e-5 measured with the official init)
     assert edited_kv(model, concept).keys() == before_c.keys()
     assert all(torch.equal(edited_kv(model, concept)[n], before_c[n]) for n in before_c)  # removed: exactly as before
 

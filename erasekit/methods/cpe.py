@@ -14,8 +14,9 @@ with, for every token t,
     g_c(t) = σ(s_cᵀ Ē_c(t))  in (0, 1)
 
 The gate network (A_c, s_c) is **shared by all projections** of a concept; every projection has
-its own low-rank pair D_ℓ (d x r, uniform(±1/√d) like a LoRA down matrix) and U_ℓ (r x out_ℓ,
-zero). s_c starts at zero (every gate at 0.5), A_c at ~1e-8 (S uniform) and U_ℓ at zero, so a
+its own low-rank pair D_ℓ (d x r, uniform(±1/√(d·r)): the official kaiming-uniform init of a (1, d, r)
+tensor) and U_ℓ (r x out_ℓ, zero). s_c starts at zero (every gate at 0.5), A_c uniform(±1/√(d·r_g)/d²)
+(the official kaiming-uniform divided by d², 1.5e-8 on SD: S uniform) and U_ℓ at zero, so a
 fresh ResAG adds exactly nothing. Nothing depends on the image or the timestep.
 
 **Training** (research notes, B2) uses only the K/V projections' outputs; there are no UNet passes.
@@ -36,7 +37,9 @@ text length) and L the number of projections, every loss has the form
 
 Stage 0 runs ``first_stage_iterations`` at ``first_stage_learning_rate`` (cosine with
 ``first_stage_cycles`` hard restarts), stages 1.. run ``iterations`` at ``learning_rate`` (one
-cycle); AdamW throughout (the paper's 8-bit AdamW is a memory saving, not part of the method).
+cycle), each after ``warmup_steps`` of linear warm-up; each attack runs ``adversarial_iterations`` at
+``adversarial_learning_rate`` (one cycle) after its own ``adversarial_warmup_steps`` (the official
+``lr_warmup_steps_adv``); AdamW throughout (the paper's 8-bit AdamW is a memory saving, not part of the method).
 The paper runs a last attack after the last stage whose result is never used; it is skipped here.
 W_ℓ are the projections' current weights: weight erasures already applied to the model (UCE,
 ESD, ...) are part of the frozen model CPE trains against, so apply the CPE erasure after them.
@@ -134,7 +137,9 @@ class CPEConfig(CheckpointConfig):
     learning_rate: float = field(default=3e-5, metadata=_help("AdamW's learning rate, stages 1 on.", min=0))
     first_stage_learning_rate: float = field(default=3e-4, metadata=_help("AdamW's learning rate, stage 0.", min=0))
     first_stage_cycles: int = field(default=2, metadata=_help("Hard restarts of stage 0's cosine schedule.", min=1))
-    warmup_steps: int = field(default=5, metadata=_help("Linear warm-up of every schedule.", min=0))
+    warmup_steps: int = field(default=5, metadata=_help("Linear warm-up of every erase stage's schedule.", min=0))
+    adversarial_warmup_steps: int = field(default=5, metadata=_help(
+        "Linear warm-up of every attack's schedule (the official lr_warmup_steps_adv: 5 in every setting).", min=0))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW's weight decay.", min=0))
     adversarial_embeddings: int = field(default=16, metadata=_help(
         "N perturbations δ an attack (0: no adversarial training).", min=0))
@@ -150,15 +155,19 @@ class CPEConfig(CheckpointConfig):
 CONFIG = CPEConfig
 
 PRESETS = {
+    # the official train/train_cpe.py, celebrity settings (research notes B3): r 1, r_g 16, g 0.3, pal 1e5, 5 stages
     "paper": {},
     "celebrity": {},
+    # train/train_cpe.py, artist settings (B3): g 0.5, pal 1e4, 10 stages, 16 anchors a step
     "artist": {"guidance": 0.5, "anchor_weight": 1e4, "stages": 10, "anchor_batch_size": 16},
+    # train/train_cpe.py, explicit settings (B3; pal 1e4 as the shell script and released folder, not the yaml's 1e5):
+    # r 4, r_g 64, g 3, 20 stages of 1,200 iterations, 32 δ, warm-up 10 (erase) and 5 (lr_warmup_steps_adv)
     "explicit": {
         "rank": 4, "gate_rank": 64, "guidance": 3.0, "anchor_weight": 1e4, "stages": 20,
         "iterations": 1200, "first_stage_iterations": 2400, "adversarial_iterations": 1200, "adversarial_embeddings": 32,
         "anchor_batch_size": 16, "warmup_steps": 10, "similar_anchors": 0,
     },
-    # tuned on the bundled toy model (docs/toy-presets.md)
+    # no official script: tuned on the bundled toy model (docs/toy-presets.md)
     "toy": {
         "guidance": 3.0, "anchor_weight": 1e3, "stages": 3, "first_stage_iterations": 600,
         "iterations": 200, "first_stage_learning_rate": 3e-3, "learning_rate": 3e-4, "adversarial_embeddings": 8,
@@ -354,7 +363,7 @@ class ConceptTrainer:
         self.optimizer = torch.optim.AdamW([self.attack_deltas], lr=config.adversarial_learning_rate,
                                            weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_restarts(config.warmup_steps, config.adversarial_iterations, 1))
+            self.optimizer, cosine_with_restarts(config.adversarial_warmup_steps, config.adversarial_iterations, 1))
         self.resag.requires_grad_(False)
         self.factors = self.bank.factors(self.resag)
 
@@ -523,7 +532,8 @@ def _check(config: CPEConfig) -> None:
     positive = {k: getattr(config, k) for k in ("rank", "gate_rank", "stages", "anchor_batch_size")}
     bad = [k for k, v in positive.items() if v < 1]
     bad += [k for k in ("iterations", "first_stage_iterations", "adversarial_embeddings", "adversarial_iterations",
-                        "warmup_steps", "similar_anchors", "max_templates") if getattr(config, k) < 0]
+                        "warmup_steps", "adversarial_warmup_steps", "similar_anchors", "max_templates")
+            if getattr(config, k) < 0]
     bad += [k for k in ("anchor_weight", "anchor_noise", "adversarial_weight", "learning_rate", "first_stage_learning_rate")
             if getattr(config, k) < 0]
     if bad:

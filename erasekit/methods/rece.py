@@ -24,7 +24,9 @@ Step 2, erase c'
         W ← (λ₂ W + s_e Σ (W g) c'ᵀ + λ₁ Σ (W p) pᵀ)(λ₂ I + s_e Σ c' c'ᵀ + λ₁ Σ p pᵀ)⁻¹
 
     over all rows: row k of c' maps to row k of the guide prompt's embedding g, and p runs
-    over every row of the retain prompts. λ₂ = ``lamb``, λ₁ = ``preserve_scale``,
+    over every row of the retain prompts: ``retain`` once per concept, as the official train.py's
+    ``[' '] * len(concepts)`` (``retain_per_concept``; once with it off), then the targets' preserved
+    prompts once each. λ₂ = ``lamb``, λ₁ = ``preserve_scale``,
     s_e = ``erase_scale``. With ``keep_concept_erased`` (erasekit's, not the paper's) the
     concept's own rows join the retain rows, so each round keeps them at the outputs the UCE
     step gave them.
@@ -77,6 +79,9 @@ class RECEConfig:
     erase_scale: float = field(default=1.0, metadata=_help("s_e: weight of the erased rows in each round.", gt=0))
     retain: list[str] = field(default_factory=lambda: [" "], metadata=_help(
         "Prompts kept in each round, with the target's preserved prompts."))
+    retain_per_concept: bool = field(default=True, metadata=_help(
+        "Repeat the retain prompts once per concept (the official train.py's [' '] * len(concepts): k concepts weigh "
+        "them k times) instead of once."))
     uce_preserve: list[str] = field(default_factory=list, metadata=_help("Prompts the UCE step preserves besides the target's."))
     uce_lamb: float = field(default=0.5, metadata=_help("λ of the UCE step.", min=0))
     uce_erase_scale: float = field(default=1.0, metadata=_help("s_e of the UCE step.", gt=0))
@@ -106,19 +111,23 @@ CONFIG = RECEConfig
 
 # Per concept type, from the RECE README and model card (research notes, section 3.2).
 PRESETS = {
+    # CharlesGong12/RECE train.py, nudity settings (as "nudity"; section 3.2)
     "paper": {},
-    # the toy: UCE's toy edit, then 24 rounds on every caption, retaining the other values' captions at scale 10
-    # and the concept's own (docs/toy-presets.md says why each value)
+    # no official script: UCE's toy edit, then 24 rounds on every caption, retaining the other values' captions at
+    # scale 10 and the concept's own, each retain prompt once (docs/toy-presets.md says why each value)
     "toy": {"uce_token_mode": "all_tokens", "contexts": True, "retain": [""], "epochs": 24,
-            "regular_scale": 0.1, "preserve_scale": 10.0, "keep_concept_erased": True},
+            "regular_scale": 0.1, "preserve_scale": 10.0, "keep_concept_erased": True, "retain_per_concept": False},
+    # train.py for nudity: close_regzero λ 0.1, 3 epochs, guide " ", retain [" "] per concept, λ₁ = λ₂ = 0.1
     "nudity": {"epochs": 3, "regular_scale": 1e-1, "retain": [" "]},
-    # the 11 I2P categories (erasekit.methods.uce.I2P_CONCEPTS), chosen by Q16 in the paper
+    # train.py for the 11 I2P categories (erasekit.methods.uce.I2P_CONCEPTS) at once, chosen by Q16 in the paper:
+    # λ 0.1, 2 epochs, retain [' '] * 11
     "unsafe": {"epochs": 2, "regular_scale": 1e-1, "retain": [" "]},
-    # the paper also keeps the 1,733 other artists: pass them with --preserve (they go to UCE and to the retain set)
+    # train_artists.py: λ 1e-3, 1 epoch, guide "art", retain "" (one artist a run, so once per concept is once);
+    # it also keeps the 1,733 other artists: pass them with --preserve (they go to UCE and to the retain set)
     "artist": {"epochs": 1, "regular_scale": 1e-3, "retain": [""], "uce_preserve_scale": 0.1},
-    # "easy" objects (English springer, golf ball, parachute)
+    # train_object.py for the "easy" objects (English springer, golf ball, parachute): λ 0.1, 1 epoch, retain ""
     "object": {"epochs": 1, "regular_scale": 1e-1, "retain": [""]},
-    # "difficult" objects (church, garbage truck)
+    # train_object.py for the "difficult" objects (church, garbage truck): λ 1e-3, 1 epoch, retain ""
     "object-difficult": {"epochs": 1, "regular_scale": 1e-3, "retain": [""]},
 }
 
@@ -308,6 +317,15 @@ def rece_rounds(
     return transform_deltas(original_weights, best_transform), info
 
 
+def retain_prompts(retain: list[str], others: list[str], concepts: int, per_concept: bool = True) -> list[str]:
+    """The prompts whose rows every round retains: ``retain`` once per concept (the official train.py's
+    ``[' '] * len(concepts)``: repeated rows weigh k times in λ₁ Σ p pᵀ) or, without ``per_concept``, once;
+    then ``others`` (preserved and kept prompts), each once and not again when already retained."""
+    retain = list(dict.fromkeys(retain))
+    head = retain * max(concepts, 1) if per_concept else retain
+    return head + [p for p in dict.fromkeys(others) if p not in retain]
+
+
 def _check(config: RECEConfig) -> None:
     if config.epochs < 0:
         raise ErasekitError(f"epochs={config.epochs}; RECE needs epochs >= 0")
@@ -339,7 +357,7 @@ def erase(
 
     uce_solution, original, uce_info = uce_edit(model, targets, config.uce_config())
 
-    retain = [*config.retain, *(p for t in targets for p in t.preserve)]
+    retain = [p for t in targets for p in t.preserve]
     if config.contexts:
         retain += [p for t in targets for p in t.kept]
     guide_of = {}  # each erased prompt's guide
@@ -350,7 +368,7 @@ def erase(
     concept_prompts, guides = list(guide_of), list(guide_of.values())
     if config.keep_concept_erased:
         retain += concept_prompts
-    retain = list(dict.fromkeys(retain))
+    retain = retain_prompts(config.retain, retain, len(targets), config.retain_per_concept)
     count = len(concept_prompts)
     states = encode_guides(model, [*concept_prompts, *guides, *retain])
     concept_states, guide_states = states[:count], states[count : 2 * count]
@@ -368,6 +386,7 @@ def erase(
 
     deltas, info = rece_rounds(original, uce_solution.transform(), concept_states, guide_states, retain_rows, config, score, progress)
     info["uce"] = uce_info
+    info["retain_prompts"], info["retain_rows"] = len(retain), int(retain_rows.shape[0])
     info["targets"] = [t.describe() for t in targets]
     info["seconds"] = round(time.perf_counter() - started, 3)
     return Erasure.from_deltas(model, "rece", concepts, config_dict, deltas, info)

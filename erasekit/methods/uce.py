@@ -49,6 +49,14 @@ target's guide, and with ``contexts`` every prompt of the target (the toy: the t
 captions that name the concept) maps to its own guide and the target's kept prompts are
 preserved: the analogue of the official ``--add_prompts`` templates plus a preserve list.
 
+``expand_prompts`` are those templates ("painting by {concept}", ...: :data:`ART_TEMPLATES`,
+:data:`OBJECT_TEMPLATES`), each filled with the concept. The two official versions differ in what
+the filled prompt maps to (``expand_guides``): the 2023 ``--add_prompts`` maps every one to the bare
+guide ("painting by X" -> "art", "bare"), the 2025 ``--expand_prompts`` fills the template with the
+guide too, blank or not ("painting by art", "image of ": "templated"). By default legacy mode does
+the former and last_token the latter; all_tokens templates the guide, so that the template's own
+rows map to themselves.
+
 Only the weights are edited; a bias (SD has none) cancels out of the residuals and is left alone.
 Edits start from the original weights (``model.original_parameters``) even when other
 erasures are applied, and the returned :class:`~erasekit.Erasure` holds deltas relative to them.
@@ -64,9 +72,14 @@ import torch
 
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
-from erasekit.targets import EraseTarget, Guide, guide_prompts, require
+from erasekit.targets import EraseTarget, Guide, guide_prompts, read_list, require
 
 TOKEN_MODES = ("legacy", "last_token", "all_tokens")
+EXPAND_GUIDES = ("bare", "templated")
+# expand_guides=None, by token mode: the 2023 code's --add_prompts (legacy), the 2025 rewrite's --expand_prompts
+# (last_token); all_tokens maps row k to row k, so a templated guide keeps the template's own words on themselves
+# (no change there) and only the concept's rows move, where a bare guide would also erase the template's words.
+DEFAULT_EXPAND_GUIDES = {"legacy": "bare", "last_token": "templated", "all_tokens": "templated"}
 
 # ``--add_prompts`` / ``--expand_prompts`` templates of the official code (research notes, section 2.2a).
 ART_TEMPLATES = ["painting by {concept}", "art by {concept}", "artwork by {concept}", "picture by {concept}", "style of {concept}"]
@@ -84,6 +97,9 @@ class UCEConfig:
     """UCE settings; the defaults are the 2023 paper code's (research notes, section 2.2a)."""
 
     preserve: list[str] = field(default_factory=list, metadata={"help": "Prompts kept unchanged, added to the target's."})
+    preserve_list: str | None = field(default=None, metadata={
+        "help": "A list of prompts to keep besides the target's: a bundled anchors list (e.g. artists, 1,734 names) "
+                "or a file, one a line; the erased concepts are left out of it. none: no list."})
     lamb: float = field(default=0.5, metadata={"help": "λ: pull towards the old weights, λ‖W - W_old‖².", "min": 0})
     erase_scale: float = field(default=1.0, metadata={"help": "s_e: weight of the erased rows.", "gt": 0})
     preserve_scale: float | None = field(default=None, metadata={
@@ -93,7 +109,12 @@ class UCEConfig:
         "choices": list(TOKEN_MODES)})
     edit_keys: bool = field(default=True, metadata={"help": "Edit to_k as well as to_v."})
     expand_prompts: list[str] = field(default_factory=list, metadata={
-        "help": "Templates such as 'painting by {concept}', each filled with the concept and with its guide."})
+        "help": "Templates such as 'painting by {concept}', each filled with the concept; see expand_guides for its guide."})
+    expand_guides: str | None = field(default=None, metadata={
+        "help": "What an expand_prompts prompt maps to: bare (the 2023 --add_prompts: the bare guide, 'art') or "
+                "templated (the 2025 --expand_prompts: the template filled with the guide, blank or not: 'image of '); "
+                "None: bare in legacy mode, templated in last_token and all_tokens.",
+        "choices": list(EXPAND_GUIDES)})
     contexts: bool = field(default=False, metadata={
         "help": "Erase each concept in every context prompt of its target (the toy: its training captions) "
                 "and keep the prompts the target keeps."})
@@ -102,14 +123,22 @@ class UCEConfig:
 CONFIG = UCEConfig
 
 PRESETS = {
+    # the 2023 code (35e91e2:train-scripts/train_erase.py, section 2.2a) with its defaults: k and v, legacy rows,
+    # "" preserved, λ 0.5, erase_scale 1, preserve_scale max(0.1, 1/|P|), guide " "; --add_prompts = expand_prompts
     "paper": {},
-    # every caption naming the concept, all rows (MiniLM is bidirectional), the other values kept at scale 1
+    # no official script: every caption naming the concept, all rows (MiniLM is bidirectional), the other values
+    # kept at scale 1 (docs/toy-presets.md)
     "toy": {"token_mode": "all_tokens", "contexts": True, "preserve_scale": 1.0},
-    # the paper also preserves the other artists: pass them with --preserve
-    "artist": {"preserve_scale": 0.1},
+    # the 2023 train_erase.py for art: guide "art" (the artist kind's), the other artists of its 1,734-name list
+    # preserved (erasekit's own list of that size, data/anchors_artists.txt; --set preserve_list=none drops it),
+    # preserve_scale max(0.1, 1/|P|) = 0.1
+    "artist": {"preserve_list": "artists"},
+    # the 2023 train_erase.py for objects (imagenette): guide " ", only "" preserved (preserve_scale 1)
     "object": {},
+    # the 2023 train_erase.py for nudity, RECE's starting point (RECE issue #4): "nudity" -> " ", "" preserved, scale 1
     "nudity": {},
-    # the 2025 rewrite: only the last token, no implicit "" preserve, preserve_scale 1
+    # the 2025 rewrite (trainscripts/uce_sd_erase.py, section 2.2b): only the last token, no implicit "" preserve,
+    # preserve_scale 1, λ 0.5; its --expand_prompts templates the guide (expand_guides "templated")
     "rewrite": {"token_mode": "last_token", "preserve_scale": 1.0},
 }
 
@@ -298,19 +327,36 @@ def encode_states(model, prompts: list[str], batch_size: int = 64) -> torch.Tens
     return torch.cat(chunks)
 
 
-def expand_pairs(concept: str, guide: Guide, templates: list[str]) -> list[tuple[str, Guide]]:
-    """(concept prompt, guide prompt) pairs of each ``expand_prompts`` template, filled with the concept and the guide.
+def resolve_expand_guides(expand_guides: str | None, token_mode: str) -> str:
+    """``expand_guides``, or for None the official one of the token mode (:data:`DEFAULT_EXPAND_GUIDES`)."""
+    if expand_guides is None:
+        expand_guides = DEFAULT_EXPAND_GUIDES.get(token_mode)
+    if expand_guides not in EXPAND_GUIDES:
+        raise ErasekitError(f"unknown expand_guides {expand_guides!r}; use one of: {', '.join(EXPAND_GUIDES)}")
+    return expand_guides
 
-    A template is filled with the guide too ("painting by {concept}" maps to "painting by art"), unless
-    the guide is blank, which stays blank.
+
+def expand_pairs(concept: str, guide: Guide, templates: list[str], expand_guides: str = "bare") -> list[tuple[str, Guide]]:
+    """(concept prompt, guide prompt) pairs of each ``expand_prompts`` template, filled with the concept.
+
+    ``expand_guides="bare"`` (the 2023 code's ``--add_prompts``): every template maps to the bare guide
+    ("painting by X" -> "art", "image of X" -> " "). ``"templated"`` (the 2025 rewrite's ``--expand_prompts``):
+    the template filled with the guide, blank or not ("painting by X" -> "painting by art", "image of X" ->
+    "image of "); a generic guide has each of its prompts filled.
     """
+    if expand_guides not in EXPAND_GUIDES:
+        raise ErasekitError(f"unknown expand_guides {expand_guides!r}; use one of: {', '.join(EXPAND_GUIDES)}")
     pairs = []
     for template in templates:
         if "{concept}" not in template:
             raise ErasekitError(f"expand_prompts template {template!r} has no {{concept}}; write e.g. 'painting by {{concept}}'")
-        if not isinstance(guide, str):
-            raise ErasekitError("expand_prompts needs a guide prompt, not a generic guide; leave expand_prompts empty here")
-        pairs.append((template.format(concept=concept), template.format(concept=guide) if guide.strip() else guide))
+        if expand_guides == "bare":
+            filled = guide
+        elif isinstance(guide, str):
+            filled = template.format(concept=guide)
+        else:
+            filled = tuple(template.format(concept=prompt) for prompt in guide)
+        pairs.append((template.format(concept=concept), filled))
     return pairs
 
 
@@ -318,13 +364,17 @@ def target_prompts(targets: list[EraseTarget], config: UCEConfig) -> tuple[list[
     """(prompt, guide) pairs and the preserved prompts of ``targets``: each concept (with ``contexts``, every
     prompt of its target) and its ``expand_prompts``; the targets' and the config's preserved prompts."""
     require(targets, "guides", "uce", "or --guide")
+    expand_guides = resolve_expand_guides(config.expand_guides, config.token_mode)
     pairs, preserved = [], []
     for target in targets:
         count = len(target.prompts) if config.contexts else 1
         pairs += list(zip(target.prompts[:count], target.guides[:count]))
-        pairs += expand_pairs(target.concept, target.guides[0], config.expand_prompts)
+        pairs += expand_pairs(target.concept, target.guides[0], config.expand_prompts, expand_guides)
         preserved += target.preserve
     preserved += config.preserve
+    if config.preserve_list:
+        erased = {target.concept.lower() for target in targets}
+        preserved += [p for p in read_list(config.preserve_list, "anchors") if p.lower() not in erased]
     if config.contexts:
         preserved += [p for target in targets for p in target.kept]
     return list(dict.fromkeys(pairs)), list(dict.fromkeys(preserved))
@@ -333,6 +383,7 @@ def target_prompts(targets: list[EraseTarget], config: UCEConfig) -> tuple[list[
 def _check(config: UCEConfig) -> None:
     if config.token_mode not in TOKEN_MODES:
         raise ErasekitError(f"unknown token_mode {config.token_mode!r}; use one of: {', '.join(TOKEN_MODES)}")
+    resolve_expand_guides(config.expand_guides, config.token_mode)
     if config.lamb < 0 or config.erase_scale <= 0 or (config.preserve_scale is not None and config.preserve_scale < 0):
         raise ErasekitError("UCE needs lamb >= 0, erase_scale > 0 and preserve_scale >= 0; fix the --set values")
 
@@ -412,6 +463,7 @@ def uce_edit(model, targets: list[EraseTarget], config: UCEConfig | None = None)
     info = {
         "token_mode": config.token_mode, "erase_rows": int(E.shape[0]), "preserve_rows": int(P.shape[0]),
         "preserved_prompts": len(preserved), "preserve_scale": preserve_scale, "matrices": len(original),
+        "expand_guides": resolve_expand_guides(config.expand_guides, config.token_mode) if config.expand_prompts else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
     return solution, original, info

@@ -15,7 +15,19 @@ from erasekit.errors import ErasekitError
 from erasekit.models.attention import HookedCrossAttnProcessor, hooked_processor, remove_hooks
 
 HOOK_NAME = "cpe"
-QUERY_INIT = 1e-8  # |A| at initialisation (research notes, B1.7)
+
+
+def kaiming_bound(dim: int, rank: int) -> float:
+    """1/√(d·r): the bound of the official init, torch's kaiming-uniform (a = √5, a Linear's default) of a
+    (1, d, r) tensor, whose fan_in is d·r: uniform(±√(2/(1+5))·√(3/(d·r))) = uniform(±1/√(d·r))."""
+    return 1 / math.sqrt(dim * rank)
+
+
+def query_init_bound(dim: int, gate_rank: int) -> float:
+    """|A| bound at initialisation, 1/√(d·r_g)/d²: the official kaiming-uniform (1, d, r_g) init divided by d²
+    (1.53e-8 for SD's d = 768, r_g = 16, the |w| ≤ 1.5e-8 of the released, never-trained key weights;
+    research notes B1.2 and B1.7), so that Q Qᵀ ≈ 0 and S starts uniform."""
+    return kaiming_bound(dim, gate_rank) / dim**2
 
 
 class ResAG(torch.nn.Module):
@@ -23,6 +35,8 @@ class ResAG(torch.nn.Module):
 
     ``query`` A (d, r_g), ``scaler`` s (d,) and the optional ``key`` are the gate network shared
     by all projections; ``down[ℓ]`` D_ℓ (d, r) and ``up[ℓ]`` U_ℓ (r, out_ℓ) are projection ℓ's.
+    Initialised as the official code does: A (and the key) uniform(±1/√(d·r_g)/d²), s zero,
+    D_ℓ uniform(±1/√(d·r)) (kaiming-uniform of a (1, d, r) tensor), U_ℓ zero.
     """
 
     def __init__(self, dim: int, out_dims: list[int], rank: int = 1, gate_rank: int = 16, alpha: float = 1.0,
@@ -33,10 +47,10 @@ class ResAG(torch.nn.Module):
             return (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(device)
 
         self.rank, self.alpha = rank, alpha
-        self.query = torch.nn.Parameter(uniform((dim, gate_rank), QUERY_INIT))
-        self.key = torch.nn.Parameter(uniform((dim, gate_rank), QUERY_INIT)) if key_projection else None
+        self.query = torch.nn.Parameter(uniform((dim, gate_rank), query_init_bound(dim, gate_rank)))
+        self.key = torch.nn.Parameter(uniform((dim, gate_rank), query_init_bound(dim, gate_rank))) if key_projection else None
         self.scaler = torch.nn.Parameter(torch.zeros(dim, device=device))
-        self.down = torch.nn.Parameter(uniform((len(out_dims), dim, rank), 1 / math.sqrt(dim)))
+        self.down = torch.nn.Parameter(uniform((len(out_dims), dim, rank), kaiming_bound(dim, rank)))
         self.up = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(rank, out, device=device)) for out in out_dims])
 
     def gate(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
