@@ -33,16 +33,33 @@ def _load(args):
 
 
 # ------------------------------------------------------------------ commands
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan, inf and -1e309 are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def cmd_erase(args) -> None:
     import torch
 
     from erasekit.methods import build_config
     from erasekit.resolve import erase
 
+    from erasekit.erasure import Erasure
+    from erasekit.utils import check_writable
+
     config = build_config(args.method, args.preset, _parse_sets(args.set))  # fail on bad --set before loading
-    out = Path(args.out)
+    out = Erasure.file_path(args.out)  # what will be written, suffix included
     if out.exists() and not args.overwrite:
         raise ErasekitError(f"{out} already exists; pass --overwrite or choose another --out")
+    check_writable(out)  # before any training, not after it
     torch.manual_seed(args.seed)
     model = _load(args)
     start = time.perf_counter()
@@ -259,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="base seed for prompts without their own")
     p.add_argument("--samples-per-prompt", type=int, default=1)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance", type=finite_float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(run=cmd_generate)
@@ -316,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="all (default: every shape x color x style), shapes, held-out, synonyms, or a CSV prompt,shape,color,style")
     p.add_argument("--samples-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance", type=finite_float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--json", default=None, help="write the full result as JSON here")
     p.set_defaults(run=cmd_toy_eval)
@@ -326,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeat); default: one per shape")
     p.add_argument("--seeds", type=int, default=6, help="columns")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance", type=finite_float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default="toy-grid.png")
     p.set_defaults(run=cmd_toy_grid)

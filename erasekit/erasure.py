@@ -136,11 +136,17 @@ class Erasure:
         return f"Erasure(method={self.method!r}, concepts={self.concepts}, base={self.base_model!r}, {kind}, {self.num_parameters:,} values)"
 
     # ------------------------------------------------------------------ disk
-    def save(self, path: str | Path) -> Path:
-        """Write one .safetensors file atomically (a temporary file, then a rename)."""
+    @staticmethod
+    def file_path(path: str | Path) -> Path:
+        """Where :meth:`save` writes ``path``: with ``.safetensors`` added when it has another suffix or none."""
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+        return path
+
+    def save(self, path: str | Path) -> Path:
+        """Write one .safetensors file atomically (a temporary file, then a rename) at :meth:`file_path`."""
+        path = self.file_path(path)
         tensors = {f"delta.{k}": v.contiguous() for k, v in self.deltas.items()}
         tensors.update({f"module.{k}": v.contiguous() for k, v in self.modules.items()})
         return save_safetensors(path, tensors, metadata={"erasekit": json.dumps(self.metadata())})
@@ -158,16 +164,30 @@ class Erasure:
             raise ErasekitError(f"{path} is not a readable safetensors file ({type(error).__name__}); pass a file written by 'erasekit erase'") from error
         if "erasekit" not in header:
             raise ErasekitError(f"{path} is a safetensors file without erasekit metadata; pass a file written by 'erasekit erase'")
-        meta = json.loads(header["erasekit"])
-        if meta.get("format", 0) > FORMAT_VERSION:
-            raise ErasekitError(f"{path} uses erasure format {meta['format']}; upgrade erasekit to read it")
-        return cls(
-            method=meta["method"], concepts=meta["concepts"], base_model=meta["base_model"], config=meta["config"],
-            deltas={k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")},
-            modules={k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")},
-            module_type=meta.get("module_type"), base_signature=meta.get("base_signature", {}), info=meta.get("info", {}),
-            erasekit_version=meta.get("erasekit_version", "?"),
-        )
+        try:
+            meta = json.loads(header["erasekit"])
+            if not isinstance(meta, dict):
+                raise TypeError("not an object")
+            if meta.get("format", 0) > FORMAT_VERSION:
+                raise ErasekitError(f"{path} uses erasure format {meta['format']}; upgrade erasekit to read it")
+            erasure = cls(
+                method=str(meta["method"]), concepts=[str(c) for c in meta["concepts"]], base_model=str(meta["base_model"]),
+                config=dict(meta["config"]),
+                deltas={k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")},
+                modules={k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")},
+                module_type=meta.get("module_type"), base_signature=dict(meta.get("base_signature") or {}),
+                info=dict(meta.get("info") or {}), erasekit_version=str(meta.get("erasekit_version", "?")),
+            )
+        except ErasekitError:
+            raise
+        except (ValueError, TypeError, KeyError) as error:
+            raise ErasekitError(f"{path} holds erasekit metadata erasekit cannot read ({type(error).__name__}: {error}); "
+                                "pass a file written by 'erasekit erase'") from None
+        for name, tensor in [*erasure.deltas.items(), *erasure.modules.items()]:
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise ErasekitError(f"{path}: tensor {name} is not finite floating-point values; the file is damaged, "
+                                    "make the erasure again")
+        return erasure
 
     # ------------------------------------------------------------ the model
     def check_base(self, model, force: bool = False) -> None:
@@ -185,6 +205,10 @@ class Erasure:
         """Apply to a loaded model, on top of any erasures already applied; undo with ``remove``."""
         if any(e is self for e, _ in model.applied_erasures):
             raise ErasekitError("this erasure is already applied to the model")
+        digest = self.digest
+        if any(e.digest == digest for e, _ in model.applied_erasures):
+            raise ErasekitError(f"an erasure with the same content ({self.method} {self.concepts}) is already applied; "
+                                "applying it again would count it twice: pass each erasure once")
         self.check_base(model, force)
         parameters = self._fitting_parameters(model)
         with torch.no_grad():

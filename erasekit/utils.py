@@ -80,6 +80,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def check_writable(path: str | Path) -> None:
+    """One line, before any work, when ``path`` could not be written: its nearest existing folder is not
+    a writable folder (nothing is created here)."""
+    path = Path(path).absolute()
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise WriteError(f"cannot write {path}: {folder} is not a folder; choose another output location")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise WriteError(f"cannot write {path}: permission denied; check the permissions or choose another output location")
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 text atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -117,3 +117,60 @@ def test_entry_point_exits_with_status_2(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("erasekit: error: unknown method")
+
+
+# ---------------------------------------------------------------- silent wrong results, refused early
+def test_erase_out_without_suffix_does_not_overwrite_the_file_it_would_write(tmp_path, capsys):
+    existing = tmp_path / "tri.safetensors"
+    existing.write_bytes(b"keep me")
+    assert main(["erase", "--model", "toy", "--method", "uce", "--concept", "triangle", "--out", str(tmp_path / "tri")]) == 2
+    assert "already exists" in capsys.readouterr().err and existing.read_bytes() == b"keep me"
+
+
+def test_erase_refuses_an_unwritable_out_before_training(tmp_path, capsys, monkeypatch):
+    import erasekit.resolve
+
+    monkeypatch.setattr(erasekit.resolve, "erase", lambda *a, **k: pytest.fail("trained before checking --out"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["erase", "--model", "toy", "--method", "esd", "--concept", "triangle", "--out", str(blocker / "sub" / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a folder" in err[0]
+
+
+def test_non_finite_guidance_is_refused(tmp_path, capsys):
+    for value in ("nan", "inf", "-1e309"):
+        with pytest.raises(SystemExit) as stop:
+            main(["generate", "--model", "toy", "--prompt", "a red triangle", f"--guidance={value}", "--out", str(tmp_path / "g")])
+        assert stop.value.code == 2 and "finite" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
+def test_an_erasure_is_applied_once_and_a_damaged_one_is_refused(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import erasekit
+
+    model = erasekit.load_model("toy")
+    erasure = erasekit.erase(model, "uce", ["triangle"], progress=False)
+    path = erasure.save(tmp_path / "e.safetensors")
+    first, again = erasekit.Erasure.load(path), erasekit.Erasure.load(path)
+    first.apply(model)
+    try:
+        with pytest.raises(erasekit.ErasekitError, match="already applied"):
+            again.apply(model)  # the same file twice would add its deltas twice
+    finally:
+        first.remove(model)
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for bad in (float("nan"), float("inf")):
+        name = next(iter(tensors))
+        broken = dict(tensors, **{name: torch.full_like(tensors[name], bad)})
+        save_file(broken, tmp_path / "bad.safetensors", metadata=header)
+        with pytest.raises(erasekit.ErasekitError, match="not finite"):
+            erasekit.Erasure.load(tmp_path / "bad.safetensors")
+    save_file(tensors, tmp_path / "meta.safetensors", metadata={"erasekit": "[1, 2]"})
+    with pytest.raises(erasekit.ErasekitError, match="cannot read"):
+        erasekit.Erasure.load(tmp_path / "meta.safetensors")
