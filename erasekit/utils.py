@@ -58,25 +58,53 @@ def _remove(path: Path) -> None:
         pass
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``.
+@contextmanager
+def _written_in_place(path: Path, folder: bool) -> Iterator[Path]:
+    """Yield a temporary file (or empty folder) next to ``path`` and, when the block succeeds, put it at ``path``.
 
-    On any failure the temporary file is removed, a previous file at ``path`` is left
-    as it was, and an OSError comes out as a one-line :class:`WriteError` (an ErasekitError).
+    On any failure the temporary is removed, what was at ``path`` stays, and an OSError comes out as
+    a one-line :class:`WriteError` (an ErasekitError).
     """
-    path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary_sibling(path, path.suffix)
-        write(tmp)
-        os.replace(tmp, path)
+        tmp = _temporary_sibling(path, "" if folder else path.suffix)
+        if folder:
+            tmp.mkdir()
+        yield tmp
+        if folder:
+            _swap_folder(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as error:
         if tmp is not None:
             _remove(tmp)
         if isinstance(error, OSError):
             raise _write_error(path, error) from error
         raise
+
+
+def _swap_folder(tmp: Path, path: Path) -> None:
+    """Rename the folder ``tmp`` to ``path``; a folder already there is moved aside first and removed after."""
+    old = None
+    if path.exists() or path.is_symlink():
+        old = _temporary_sibling(path, ".old")
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path`` (see :func:`_written_in_place`)."""
+    path = Path(path)
+    with _written_in_place(path, folder=False) as tmp:
+        write(tmp)
     return path
 
 
@@ -119,31 +147,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 
     On failure the temporary folder is removed and a previous folder at ``path`` stays.
     """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary_sibling(path, "")
-        tmp.mkdir()
+    with _written_in_place(Path(path), folder=True) as tmp:
         yield tmp
-        old = None
-        if path.exists() or path.is_symlink():
-            old = _temporary_sibling(path, ".old")
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-            raise
-        if old is not None:
-            _remove(old)
-    except BaseException as error:
-        if tmp is not None:
-            _remove(tmp)
-        if isinstance(error, OSError):
-            raise _write_error(path, error) from error
-        raise
 
 
 # ------------------------------------------------------------------ seeds and images
