@@ -77,7 +77,8 @@ def cmd_generate(args) -> None:
     prompts = read_prompts(args.prompts, args.prompt, seed=args.seed, samples_per_prompt=args.samples_per_prompt, guidance=args.guidance)
     args.device = process_device(args.device)  # under accelerate launch: this process's GPU
     model = _load(args)
-    written = generate_to_folder(model, prompts, args.out, batch_size=args.batch_size, steps=args.steps)
+    written = generate_to_folder(model, prompts, args.out, batch_size=args.batch_size, steps=args.steps,
+                                 overwrite=args.overwrite)
     print(f"{written} new images in {args.out} ({len(prompts)} requested)")
 
 
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=finite_float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="make again the images of --out made with other settings")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("attack", help="red-team an erasure: run one attack and report its success rate (resumable)",

@@ -174,3 +174,40 @@ def test_an_erasure_is_applied_once_and_a_damaged_one_is_refused(tmp_path):
     save_file(tensors, tmp_path / "meta.safetensors", metadata={"erasekit": "[1, 2]"})
     with pytest.raises(erasekit.ErasekitError, match="cannot read"):
         erasekit.Erasure.load(tmp_path / "meta.safetensors")
+
+
+def test_generate_keys_each_image_on_everything_that_makes_it(tmp_path, toy_a, erasure_for_a, capsys):
+    out = tmp_path / "images"
+    base = ["generate", "--model", str(toy_a), "--prompt", "a red box", "--out", str(out), "--steps", "3"]
+    assert main(base) == 0 and "1 new images" in capsys.readouterr().out
+    image = (out / "00000_0.png").read_bytes()
+    metadata = (out / "metadata.jsonl").read_text()
+    assert '"key"' in metadata
+    assert main(base) == 0 and "0 new images" in capsys.readouterr().out  # the same settings: nothing to do
+
+    # other settings into the same folder are refused, and nothing there changes
+    for extra in (["--erasure", str(erasure_for_a)], ["--guidance", "4"], ["--seed", "9"]):
+        err = _error(capsys, base + extra)
+        assert "other settings" in err and "--overwrite" in err
+    err = _error(capsys, ["generate", "--model", str(toy_a), "--prompt", "a blue disk", "--out", str(out), "--steps", "3"])
+    assert "other settings" in err
+    err = _error(capsys, base[:-2] + ["--steps", "4"])
+    assert "other settings" in err
+    assert (out / "00000_0.png").read_bytes() == image and (out / "metadata.jsonl").read_text() == metadata
+
+    # --overwrite makes the image again with the erasure; the record names the new settings
+    assert main(base + ["--erasure", str(erasure_for_a), "--overwrite"]) == 0 and "1 new images" in capsys.readouterr().out
+    assert (out / "metadata.jsonl").read_text() != metadata
+    assert main(base + ["--erasure", str(erasure_for_a)]) == 0 and "0 new images" in capsys.readouterr().out
+
+    # an unreadable image is made again, not counted as done
+    (out / "00000_0.png").write_bytes(b"not a png")
+    assert main(base + ["--erasure", str(erasure_for_a)]) == 0 and "1 new images" in capsys.readouterr().out
+
+
+def test_generate_refuses_images_it_did_not_make(tmp_path, toy_a, capsys):
+    out = tmp_path / "images"
+    out.mkdir()
+    (out / "00000_0.png").write_bytes(b"someone else's")
+    err = _error(capsys, ["generate", "--model", str(toy_a), "--prompt", "a red box", "--out", str(out), "--steps", "3"])
+    assert "metadata.jsonl" in err and (out / "00000_0.png").read_bytes() == b"someone else's"

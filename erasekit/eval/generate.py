@@ -2,10 +2,14 @@
 
 Images are written as ``OUT/{case:05d}_{k}.png`` (case: the prompt's index or the CSV's
 ``case_number``; k: the sample index), each to a temporary name and then renamed, so an
-interrupted run never leaves a half-written image and a rerun skips finished ones.
+interrupted run never leaves a half-written image.
 
 Beside the images, ``OUT/metadata.jsonl`` has one line per image (file, case, sample, prompt,
-seed, guidance); ``erasekit evaluate`` reads the prompts from it.
+seed, guidance, and ``key``: a digest of everything that determines the image — the model's
+weights, the applied erasures' contents and scales, prompt, seed, guidance, steps, scheduler,
+dtype, size); ``erasekit evaluate`` reads the prompts from it. A rerun skips an image only when
+its entry has the same key and the file is a readable image (an unreadable one is made again);
+a folder whose images were made with other settings is refused unless ``overwrite``.
 
 Under ``accelerate launch`` (or any launcher that sets ``RANK``/``WORLD_SIZE``), each
 process takes every WORLD_SIZE-th image, so no image is written twice; process 0 writes the
@@ -20,6 +24,7 @@ with one prompt a line, or ``toy:SET`` for a toy-world prompt set (all, shapes, 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -130,14 +135,66 @@ def process_device(device: str | None) -> str | None:
     return device
 
 
-def write_metadata(jobs: list[PromptJob], out: str | Path) -> Path:
-    """Write (or extend) ``OUT/metadata.jsonl``, one line per image, atomically."""
+def generation_settings(model, steps: int | None = None, scheduler: str | None = None) -> dict:
+    """Everything besides prompt, seed and guidance that determines a generated image."""
+    from erasekit.training import weights_digest
+
+    return {
+        "model": model.name, "weights": weights_digest(dict(model.unet.named_parameters())),
+        "erasures": [[erasure.digest, scale] for erasure, scale in model.applied_erasures],
+        "steps": steps or model.default_steps, "default_guidance": model.default_guidance,
+        "scheduler": scheduler or type(model.scheduler).__name__, "dtype": str(model.dtype), "size": model.resolution,
+    }
+
+
+def image_key(job: PromptJob, settings: dict | None) -> str | None:
+    """The digest that names one image: the job and the settings it was made with."""
+    if settings is None:
+        return None
+    text = json.dumps([job.prompt, job.seed, job.guidance, settings], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_metadata(jobs: list[PromptJob], out: str | Path, settings: dict | None = None) -> Path:
+    """Write (or extend) ``OUT/metadata.jsonl``, one line per image (with its key when ``settings`` are given), atomically."""
     path = Path(out) / METADATA_FILE
     entries = {entry["file"]: entry for entry in read_metadata(out)} if path.exists() else {}
     for job in jobs:
-        entries[job.filename] = {"file": job.filename, "case": job.case, "sample": job.sample, "prompt": job.prompt,
-                                 "seed": job.seed, "guidance": job.guidance}
+        entry = {"file": job.filename, "case": job.case, "sample": job.sample, "prompt": job.prompt, "seed": job.seed,
+                 "guidance": job.guidance}
+        if settings is not None:
+            entry["key"] = image_key(job, settings)
+        entries[job.filename] = entry
     return write_text(path, "".join(json.dumps(entries[name]) + "\n" for name in sorted(entries)))
+
+
+def _readable_image(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # any decoding failure: the file is made again
+        return False
+
+
+def check_folder(jobs: list[PromptJob], out: Path, settings: dict, overwrite: bool = False) -> None:
+    """Refuse (one line) a folder whose images were made with other settings; with ``overwrite``, forget them."""
+    if not (out / METADATA_FILE).is_file():
+        stray = [job.filename for job in jobs if (out / job.filename).exists()]
+        if stray and not overwrite:
+            raise ErasekitError(f"{out} holds {stray[0]} but no {METADATA_FILE}, so what made it is unknown; "
+                                "pass --overwrite or choose another --out")
+        return
+    entries = {entry.get("file"): entry for entry in read_metadata(out)}
+    wanted = {job.filename: image_key(job, settings) for job in jobs}
+    other = [name for name, entry in entries.items() if name in wanted and entry.get("key") != wanted[name]]
+    if other and not overwrite:
+        raise ErasekitError(
+            f"{out} holds {len(other)} image(s) made with other settings (e.g. {other[0]}: another prompt, seed, guidance, "
+            "model, erasure, steps, scheduler, dtype or size); pass --overwrite to make them again, or choose another --out"
+        )
 
 
 def read_metadata(folder: str | Path) -> list[dict]:
@@ -172,14 +229,26 @@ def load_image_folder(folder: str | Path) -> list[tuple[str, torch.Tensor]]:
 
 @torch.no_grad()
 def generate_to_folder(model, jobs: list[PromptJob], out: str | Path, batch_size: int = 8, steps: int | None = None,
-                       progress: bool = True, rank: int | None = None, world_size: int | None = None) -> int:
-    """Generate every missing image of this process's shard; returns how many were written."""
+                       progress: bool = True, rank: int | None = None, world_size: int | None = None,
+                       overwrite: bool = False) -> int:
+    """Generate every image of this process's shard that is missing, unreadable or made otherwise; returns how many
+    were written. A folder holding images of other settings is refused unless ``overwrite``."""
     out = Path(out)
+    settings = generation_settings(model, steps)
+    check_folder(jobs, out, settings, overwrite)
+    done = {}
+    if (out / METADATA_FILE).is_file():
+        done = {entry.get("file"): entry.get("key") for entry in read_metadata(out)}
     out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     if rank == 0:
-        write_metadata(jobs, out)
-    mine = [job for job in shard(jobs, rank, world_size) if not (out / job.filename).exists()]
+        write_metadata(jobs, out, settings)
+
+    def finished(job) -> bool:
+        path = out / job.filename
+        return done.get(job.filename) == image_key(job, settings) and path.exists() and _readable_image(path)
+
+    mine = [job for job in shard(jobs, rank, world_size) if not finished(job)]
     written = 0
     # batch jobs that share a guidance scale
     groups: dict = {}
