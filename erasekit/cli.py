@@ -46,6 +46,28 @@ def finite_float(text: str) -> float:
     return value
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (steps, batch sizes, samples, columns)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 10**7:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use a whole number from 1 to 10,000,000")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed, a whole number from 0 to 2**31 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed; use a whole number from 0 to 2147483647")
+    return value
+
+
 def cmd_erase(args) -> None:
     import torch
 
@@ -266,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the erasure file to write (.safetensors)")
     p.add_argument("--preset", default=None, help="a named preset of the method's config (every method has 'paper' and 'toy')")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config field (repeat)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=cmd_erase)
 
@@ -275,11 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts", help="an I2P-style CSV (prompt; optional evaluation_seed/sd_seed/seed, evaluation_guidance/sd_guidance_scale, case_number), a text file (one prompt a line) or toy:SET (all, shapes, held-out, synonyms)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="base seed for prompts without their own")
-    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--seed", type=seed_value, default=0, help="base seed for prompts without their own")
+    p.add_argument("--samples-per-prompt", type=count, default=1)
     p.add_argument("--guidance", type=finite_float, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=count, default=None)
+    p.add_argument("--batch-size", type=count, default=8)
     p.add_argument("--overwrite", action="store_true", help="make again the images of --out made with other settings")
     p.set_defaults(run=cmd_generate)
 
@@ -294,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (result.json, grid.png, prompts/); rerunning resumes")
     p.add_argument("--prompts", default=None, help="a text file (one prompt a line) or a CSV with a prompt column; default on the toy model: the concept's prompts")
     p.add_argument("--budget", action="append", nargs="+", metavar="KEY=VALUE", help="override the attack's budget/config, e.g. --budget steps=100 prompts=4 samples=2 time_s=600")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.set_defaults(run=cmd_attack)
 
     p = sub.add_parser("bench", help="run methods x concepts x attacks on the toy model and write a report (resumable)")
@@ -333,36 +355,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = toy.add_parser("eval", help="generate over a prompt set and score each attribute with the toy classifier")
     _model_arguments(p)
     p.add_argument("--prompts", default=None, help="all (default: every shape x color x style), shapes, held-out, synonyms, or a CSV prompt,shape,color,style")
-    p.add_argument("--samples-per-prompt", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-prompt", type=count, default=2)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--guidance", type=finite_float, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=count, default=None)
     p.add_argument("--json", default=None, help="write the full result as JSON here")
     p.set_defaults(run=cmd_toy_eval)
 
     p = toy.add_parser("grid", help="write a PNG grid of prompts by seeds")
     _model_arguments(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeat); default: one per shape")
-    p.add_argument("--seeds", type=int, default=6, help="columns")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=count, default=6, help="columns")
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--guidance", type=finite_float, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=count, default=None)
     p.add_argument("--out", default="toy-grid.png")
     p.set_defaults(run=cmd_toy_grid)
 
     p = toy.add_parser("train", help="train the toy text-to-image model (resumable)")
     p.add_argument("--out", required=True, help="run folder (checkpoint/ and model/ are written inside)")
-    p.add_argument("--steps", type=int, default=1800)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=count, default=1800)
+    p.add_argument("--batch-size", type=count, default=64)
+    p.add_argument("--checkpoint-every", type=count, default=200)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.set_defaults(run=cmd_toy_train)
 
     p = toy.add_parser("train-classifier", help="train the toy classifier")
     p.add_argument("--out", default="toy-classifier.safetensors")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=count, default=1500)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.set_defaults(run=cmd_toy_train_classifier)
     parser.commands = sub.choices  # name -> subparser (for _config_help)
     return parser

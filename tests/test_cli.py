@@ -211,3 +211,20 @@ def test_generate_refuses_images_it_did_not_make(tmp_path, toy_a, capsys):
     (out / "00000_0.png").write_bytes(b"someone else's")
     err = _error(capsys, ["generate", "--model", str(toy_a), "--prompt", "a red box", "--out", str(out), "--steps", "3"])
     assert "metadata.jsonl" in err and (out / "00000_0.png").read_bytes() == b"someone else's"
+
+
+@pytest.mark.parametrize("flag", ["--steps=0", "--batch-size=0", "--samples-per-prompt=-1", "--steps=1e9", "--seed=-3",
+                                  "--seed=99999999999", "--steps=two"])
+def test_counts_and_seeds_are_checked_before_any_work(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--model", "toy", "--prompt", "a red box", flag, "--out", str(tmp_path / "g")])
+    assert stop.value.code == 2 and flag.split("=")[0] in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("device, words", [("foo", "unknown device"), ("cuda:7", "GPU"), ("xla", "unsupported device")])
+def test_a_device_this_machine_lacks_is_one_line(device, words, tmp_path, capsys):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    err = _error(capsys, ["generate", "--model", "toy", "--device", device, "--prompt", "a red box", "--out", str(tmp_path / "g")])
+    assert words in err and not (tmp_path / "g").exists()

@@ -37,6 +37,23 @@ def _pipeline_class(name_or_path: str) -> str:
     return config.get("_class_name", "")
 
 
+def checked_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device that this machine has; one line otherwise."""
+    try:
+        device = torch.device(device or "cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise ErasekitError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ErasekitError(f"--device {device} asks for a GPU, but this torch sees none (CUDA is not available); use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ErasekitError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ErasekitError("--device mps asks for Apple's GPU, but this torch cannot use it; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ErasekitError(f"unsupported device {device.type!r}; use cpu, cuda, cuda:N or mps")
+    return device
+
+
 def load_model(name_or_path: str = "toy", device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> ModelHandle:
     """Load a text-to-image model into a :class:`ModelHandle`.
 
@@ -44,7 +61,7 @@ def load_model(name_or_path: str = "toy", device: str | torch.device | None = No
     pipeline folder or a toy model folder) or a hub id. ``device`` defaults to the CPU
     and ``dtype`` to float32 (speed-ups are opt-in, as in diffusers).
     """
-    device = torch.device(device or "cpu")
+    device = checked_device(device)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype)
