@@ -82,6 +82,10 @@ def cmd_erase(args) -> None:
     if out.exists() and not args.overwrite:
         raise ErasekitError(f"{out} already exists; pass --overwrite or choose another --out")
     check_writable(out)  # before any training, not after it
+    if getattr(config, "checkpoint_dir", None):
+        args.interrupted = f"its checkpoints are in {config.checkpoint_dir}: rerun with --set resume=true to continue"
+    else:
+        args.interrupted = "nothing was saved; for a long run pass --set checkpoint_dir=FOLDER (ESD, Receler, CPE) to resume later"
     torch.manual_seed(args.seed)
     model = _load(args)
     start = time.perf_counter()
@@ -401,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"erasekit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("erasekit: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        print(f"erasekit: interrupted; {getattr(args, 'interrupted', 'finished work is kept and a rerun resumes')}", file=sys.stderr)
         return 130
     return 0
 

@@ -228,3 +228,17 @@ def test_a_device_this_machine_lacks_is_one_line(device, words, tmp_path, capsys
         pytest.skip("this machine has that GPU")
     err = _error(capsys, ["generate", "--model", "toy", "--device", device, "--prompt", "a red box", "--out", str(tmp_path / "g")])
     assert words in err and not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("sets, words", [([], "nothing was saved"), (["--set", "checkpoint_dir=CK"], "resume=true")])
+def test_ctrl_c_on_erase_says_whether_a_rerun_resumes(sets, words, tmp_path, capsys, monkeypatch):
+    import erasekit.resolve
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(erasekit.resolve, "erase", interrupted)
+    sets = [s.replace("CK", str(tmp_path / "ck")) for s in sets]
+    assert main(["erase", "--model", "toy", "--method", "esd", "--concept", "triangle", *sets, "--out", str(tmp_path / "e")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
