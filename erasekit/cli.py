@@ -46,26 +46,22 @@ def finite_float(text: str) -> float:
     return value
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (steps, batch sizes, samples, columns)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 10**7:
-        raise argparse.ArgumentTypeError(f"{text} is out of range; use a whole number from 1 to 10,000,000")
-    return value
+def whole_number(low: int, high: int, what: str):
+    """An argparse type: a whole number from ``low`` to ``high`` (``what`` names it in the message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; use {what}, a whole number from {low:,} to {high:,}")
+        return value
+
+    return parse
 
 
-def seed_value(text: str) -> int:
-    """An argparse type: a seed, a whole number from 0 to 2**31 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"{text} is not a seed; use a whole number from 0 to 2147483647")
-    return value
+count = whole_number(1, 10**7, "a count")  # steps, batch sizes, samples, columns
+seed_value = whole_number(0, 2**31 - 1, "a seed")
 
 
 def cmd_erase(args) -> None:

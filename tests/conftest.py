@@ -200,3 +200,14 @@ def assert_same_picture(a: torch.Tensor, b: torch.Tensor, max_changed: float = 0
     assert levels.max() <= 1, f"pixels differ by up to {int(levels.max())} 8-bit levels"
     changed = (levels > 0).float().mean().item()
     assert changed <= max_changed, f"{changed:.2%} of the 8-bit values changed"
+
+
+def cli_error(capsys, argv) -> str:
+    """Run the CLI in-process on bad input: exit status 2 and exactly one ``erasekit: error:`` line; returns it."""
+    from erasekit.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("erasekit: error: ")
+    return err

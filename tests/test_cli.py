@@ -8,6 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from erasekit.cli import main
+from conftest import cli_error as _error
 from erasekit.erasure import Erasure
 from erasekit.models.loading import load_model
 from erasekit.models.toy import toy_unet_config, write_toy_folder
@@ -35,14 +36,6 @@ def erasure_for_a(toy_a, tmp_path_factory):
     name = next(iter(model.key_value_projections())) + ".weight"
     erasure = Erasure.from_deltas(model, "uce", ["triangle"], {}, {name: torch.full_like(dict(model.unet.named_parameters())[name], 0.01)})
     return erasure.save(tmp_path_factory.mktemp("erasures") / "a.safetensors")
-
-
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("erasekit: error: ")
-    return err
 
 
 @pytest.mark.parametrize("command", [[], ["erase"], ["generate"], ["evaluate"], ["attack"], ["bench"], ["demo"], ["toy"], ["toy", "eval"], ["toy", "grid"], ["toy", "train"]])

@@ -11,6 +11,7 @@ import pytest
 from erasekit.attacks import ATTACKS, make_attack
 from erasekit.bench import BenchConfig, load_bench_config
 from erasekit.cli import main
+from conftest import cli_error as _error
 from erasekit.config import describe, parse_config
 from erasekit.errors import ErasekitError
 from erasekit.methods import METHODS, build_config, get_method
@@ -28,14 +29,6 @@ class Example:
     mode: str = field(default="a", metadata={"help": "A mode.", "choices": ("a", "b")})
     kind: Literal["x", "y"] = field(default="x", metadata={"help": "A literal."})
     table: dict[str, int] = field(default_factory=dict, metadata={"help": "A table."})
-
-
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("erasekit: error: ")
-    return err
 
 
 def _erase(*sets, method="esd"):
