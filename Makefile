@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.erasekit-installed
 
-.PHONY: demo test test-slow bench versions clean
+.PHONY: demo test test-slow bench gpu-bench versions clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_uce_rece.py
+
+# One GPU: every method on SD 1.4- and SDXL-shaped models (random weights, no downloads), under 8 minutes on an H200.
+gpu-bench: $(STAMP)
+	$(PY) benchmarks/gpu.py --json gpu-bench.json
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -55,6 +55,8 @@ def erase(model, method: str, concepts, preserve=(), kind: str | None = None, gu
     ``kind`` (object, artist, person, nudity; on the toy model shape, color, style) says what the
     concepts are, where the model's resolver cannot tell; ``guide`` replaces the kind's guide
     prompt. ``config`` is the method's config dataclass; or give ``preset`` and/or ``overrides``.
+    Under ``torchrun`` / ``accelerate launch``, see :func:`erasekit.methods.run_method` (ESD and Receler
+    train data parallel; the other methods run on process 0, and the other processes get None).
     """
     get_method(method)
     if config is None:

@@ -13,7 +13,18 @@ What every training loop here needs and none should write again:
   :func:`set_generator_state`: an optimizer's and a ``torch.Generator``'s state as flat tensors and
   JSON, so that a resumed run continues bit for bit (on the CPU; CUDA kernels may differ in the last bits);
 * :class:`Precision`: float32 master weights with CUDA autocast in bf16/fp16 (a gradient scaler for
-  fp16); on a CPU it is float32 with a warning.
+  fp16); on a CPU it is float32 with a warning;
+* :class:`DataParallel`: under ``accelerate launch`` or ``torchrun``, one run split over the processes
+  (accelerate's ``Accelerator``): every process draws the same global batch from the same seed, computes
+  its own contiguous slice of it, and the gradients are averaged before each optimiser step, so every
+  process holds the weights one process would reach with the same global batch (up to float rounding:
+  kernels differ in the last bits with the batch size). :func:`run` saves checkpoints on process 0 only;
+* :func:`enable_gradient_checkpointing`: recompute a UNet's activations in the backward pass (a config
+  switch of every method that backpropagates through the UNet), restored when the run ends.
+
+Methods whose run cannot be split this way (UCE and RECE: one closed-form solve; CPE: no UNet pass, a
+step is a few small matrix products) run on process 0 alone while the others wait
+(:func:`erasekit.methods.run_method`).
 """
 
 from __future__ import annotations
@@ -29,11 +40,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from erasekit import distributed
 from erasekit.errors import ErasekitError
 from erasekit.utils import save_safetensors, write_text
 
 MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "checkpoint_dir", "resume")
+# settings a resumed run may change: they change when or how it is computed, not what
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "checkpoint_dir", "resume", "gradient_checkpointing")
 
 
 @dataclass
@@ -199,6 +212,10 @@ def run(trainer, name: str, description: str, progress: bool = True, postfix=Non
     ``trainer`` has ``config`` (iterations and :class:`CheckpointConfig` fields), ``iteration``,
     ``step()``, ``checkpoint_key()``, ``training_state()`` and ``load_state(step, tensors, state)``;
     ``postfix(result of step)`` gives the progress bar's figures.
+
+    Under several processes every process runs the loop (a data-parallel trainer averages its
+    gradients, :class:`DataParallel`); every process resumes from the same checkpoint, only process 0
+    writes checkpoints and shows the progress bar.
     """
     from tqdm.auto import tqdm
 
@@ -206,6 +223,8 @@ def run(trainer, name: str, description: str, progress: bool = True, postfix=Non
     checkpoints, saved = resume_or_start(config, name, trainer.checkpoint_key())
     if saved is not None:
         trainer.load_state(*saved)
+    distributed.barrier()  # every process has read the checkpoint before process 0 may replace it
+    progress = progress and distributed.is_main()
     bar = tqdm(total=config.iterations, initial=min(trainer.iteration, config.iterations), desc=description, disable=not progress)
     with bar:
         while trainer.iteration < config.iterations:
@@ -213,7 +232,7 @@ def run(trainer, name: str, description: str, progress: bool = True, postfix=Non
             bar.update(1)
             if postfix is not None:
                 bar.set_postfix(postfix(result))
-            if checkpoints is not None and trainer.iteration % config.checkpoint_every == 0:
+            if checkpoints is not None and trainer.iteration % config.checkpoint_every == 0 and distributed.is_main():
                 checkpoints.save(trainer.iteration, *trainer.training_state())
 
 
@@ -238,15 +257,20 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """zero_grad, backward and step, through the gradient scaler when there is one."""
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, sync=None, inputs=None) -> None:
+        """zero_grad, backward and step, through the gradient scaler when there is one.
+
+        ``sync()`` runs between backward and step (:meth:`DataParallel.average_gradients`); ``inputs``
+        limits the backward pass to these tensors' gradients (``Tensor.backward(inputs=...)``).
+        """
         optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(inputs=inputs)
+        if sync is not None:
+            sync()
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             optimizer.step()
 
     def state(self) -> dict | None:
@@ -259,3 +283,88 @@ class Precision:
     @property
     def name(self) -> str:
         return str(self.compute_dtype).replace("torch.", "") if self.compute_dtype else "float32"
+
+
+# --------------------------------------------------------------------------------- data parallel
+class DataParallel:
+    """One run split over the processes of a launch: a contiguous slice of every global batch each, gradients averaged.
+
+    With one process it does nothing (``rows`` is the whole batch). With ``WORLD_SIZE`` processes the
+    global ``batch_size`` must split evenly; process ``r`` computes rows ``rows`` of every batch that all
+    processes draw alike, and :meth:`average_gradients` replaces each gradient by its mean over the
+    processes (accelerate's ``Accelerator.reduce``), so the mean loss over the slices is the mean loss
+    of the global batch and every process takes the same optimiser step.
+    """
+
+    BUCKET = 2**25  # values reduced in one call (128 MiB of float32)
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.accelerator = None
+        if self.world_size > 1:
+            if batch_size % self.world_size:
+                raise ErasekitError(
+                    f"batch_size={batch_size} does not split evenly over {self.world_size} processes; set batch_size to a "
+                    f"multiple of {self.world_size} (it is the global batch: each process computes batch_size / processes)"
+                )
+            distributed.start(device)
+            from accelerate import Accelerator
+            from accelerate.state import AcceleratorState
+
+            # autocast is Precision's; an Accelerator made before (the caller's) is joined as it is
+            fresh = not AcceleratorState._shared_state
+            options = {"cpu": torch.device(device).type != "cuda", "mixed_precision": "no"} if fresh else {}
+            self.accelerator = Accelerator(**options)
+        self.local_batch = batch_size // self.world_size
+        self.rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def average_gradients(self, parameters) -> None:
+        """Every parameter's gradient becomes its mean over the processes (a missing gradient counts as zero)."""
+        if self.accelerator is None:
+            return
+        parameters = [p for p in parameters if p.requires_grad]
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for p in parameters:
+            bucket.append(p.grad)
+            size += p.grad.numel()
+            if size >= self.BUCKET:
+                self._reduce(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._reduce(bucket)
+
+    def mean(self, values: list[float]) -> list[float]:
+        """The mean of each figure over the processes (a loss on each process's rows -> the loss of the global batch)."""
+        if self.accelerator is None:
+            return list(values)
+        reduced = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device), reduction="mean")
+        return [float(v) for v in reduced.cpu()]
+
+    def _reduce(self, grads: list[torch.Tensor]) -> None:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_dtype.setdefault(grad.dtype, []).append(grad)
+        for group in by_dtype.values():
+            flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in group]), reduction="mean")
+            offset = 0
+            for grad in group:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+
+
+# ------------------------------------------------------------------------- gradient checkpointing
+def enable_gradient_checkpointing(unet, enabled: bool = True):
+    """Make ``unet`` recompute its blocks' activations in the backward pass (when ``enabled``); returns the
+    function that restores its previous setting (call it once the run ends)."""
+    if not enabled or getattr(unet, "is_gradient_checkpointing", False):
+        return lambda: None
+    unet.enable_gradient_checkpointing()
+    return unet.disable_gradient_checkpointing

@@ -7,6 +7,12 @@ Every method module defines
 * ``erase(model, targets, config=None, progress=True) -> Erasure``, where the targets
   (:class:`erasekit.targets.EraseTarget`) say what to erase; a method never parses a concept.
 
+A trained method whose run splits over several processes sets ``DATA_PARALLEL = True`` (ESD,
+Receler: :class:`erasekit.training.DataParallel`); under ``accelerate launch`` or ``torchrun`` every
+process runs it. Every other method runs on process 0 alone while the others wait (UCE and RECE are
+closed-form solves; CPE never runs the UNet, and its steps, one template and a batch of anchors through
+the K/V projections, are too small to split).
+
 This module finds a method by name, builds its config from a preset plus
 ``key=value`` overrides (typed by the dataclass fields), and runs it.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from erasekit import distributed
 from erasekit.config import describe, parse_values
 from erasekit.errors import ErasekitError
 
@@ -38,6 +45,11 @@ def get_method(name: str):
         if error.name == METHODS[name]:
             raise ErasekitError(f"method {name!r} is not implemented in this version of erasekit yet; available: {', '.join(available_methods())}") from None
         raise
+
+
+def is_data_parallel(name: str) -> bool:
+    """Whether the method's run splits over several processes (else it runs on process 0 alone)."""
+    return bool(getattr(get_method(name), "DATA_PARALLEL", False))
 
 
 def available_methods() -> list[str]:
@@ -67,8 +79,16 @@ def run_method(model, method: str, targets, config=None, preset: str | None = No
 
     ``config`` is the method's config dataclass; or give ``preset`` and/or ``overrides``.
     Concepts are resolved into targets by :func:`erasekit.resolve.erase`, not here.
+
+    Under several processes a data-parallel method returns the same erasure on every process; any
+    other method runs on process 0 alone, every process returns when it is done, and the others
+    get None (process 0 saves; see :func:`is_data_parallel`).
     """
     module = get_method(method)
     if config is None:
         config = build_config(method, preset, overrides)
+    if distributed.is_distributed() and not is_data_parallel(method):
+        distributed.start(model.device)
+        with distributed.main_only() as main:
+            return module.erase(model, list(targets), config=config, progress=progress) if main else None
     return module.erase(model, list(targets), config=config, progress=progress)

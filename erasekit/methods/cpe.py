@@ -78,6 +78,12 @@ On disk (``module.<name>`` tensors of the :class:`~erasekit.Erasure`, leading ax
 
 **Checkpoints** (``checkpoint_dir``, :mod:`erasekit.training`): the run's full state is saved every
 ``checkpoint_every`` optimiser steps; ``resume=True`` continues it to the uninterrupted result, bit for bit on the CPU.
+
+**Precision, memory, several processes.** CPE never runs the UNet, so the other trained methods'
+``mixed_precision`` and ``gradient_checkpointing`` switches have nothing to act on: its memory is the
+model, the K/V matrices and the templates' and anchors' text states (float32). A step is one template
+and a batch of anchors through the K/V side, too small to split, so under ``torchrun`` / ``accelerate
+launch`` CPE runs on process 0 alone (:func:`erasekit.methods.run_method`).
 """
 
 from __future__ import annotations

@@ -86,6 +86,15 @@ with float32 master weights for the trained subset (fp16 adds a gradient scaler)
 it is ignored with a warning. A model loaded in float16/bfloat16 trains its subset in
 float32 under autocast in its own dtype.
 
+**Memory.** ``gradient_checkpointing=True`` recomputes the UNet's block activations in the
+backward pass (:func:`erasekit.training.enable_gradient_checkpointing`): slower, far less memory.
+
+**Several processes** (``accelerate launch`` / ``torchrun``): data parallel through
+:class:`erasekit.training.DataParallel`. ``batch_size`` is the global batch; every process draws the
+same concept, k, t and noise for all of it, samples x_t and computes the loss for its own rows, and
+the gradients are averaged, so the result is one process's with the same batch (up to float
+rounding). Process 0 writes the checkpoints.
+
 **Checkpoints** go through :mod:`erasekit.training`: with ``checkpoint_dir`` every
 ``checkpoint_every`` iterations, and ``resume=True`` continues bit for bit (on the CPU).
 
@@ -184,6 +193,7 @@ class ESDConfig(CheckpointConfig):
 
 
 CONFIG = ESDConfig
+DATA_PARALLEL = True  # several processes split each batch (erasekit.training.DataParallel)
 
 PRESETS = {
     "paper": {},
@@ -337,7 +347,8 @@ class ESDTrainer:
         self.erase_from = model.encode([config.erase_from]) if config.erase_from else None
         self.scheduler = model.make_scheduler("DDIMScheduler")
         self.num_train_timesteps = int(model.scheduler.config.num_train_timesteps)
-        self.latent_shape = model.latent_shape(config.batch_size, config.resolution)
+        self.latent_shape = model.latent_shape(config.batch_size, config.resolution)  # the global batch
+        self.parallel = training.DataParallel(config.batch_size, self.device)  # this process's rows of it
 
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
@@ -350,7 +361,7 @@ class ESDTrainer:
         self.parameters = {name: parameters[name] for name in self.parameter_names}
         self.frozen_values: dict[str, torch.Tensor] = {}
         self._requires_grad = {name: p.requires_grad for name, p in parameters.items()}
-        self._was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
+        self._restore_checkpointing = lambda: None
         self._closed = False
         try:
             unet.requires_grad_(False)
@@ -359,8 +370,7 @@ class ESDTrainer:
                     self.frozen_values[name] = parameter.data
                     parameter.data = parameter.data.to(torch.float32, copy=True)
                     parameter.requires_grad_(True)
-            if config.gradient_checkpointing:
-                unet.enable_gradient_checkpointing()
+            self._restore_checkpointing = training.enable_gradient_checkpointing(unet, config.gradient_checkpointing)
             self.optimizer = torch.optim.Adam(list(self.parameters.values()), lr=config.learning_rate)
         except BaseException:
             self.close()
@@ -414,8 +424,8 @@ class ESDTrainer:
         with self.autocast():
             prediction = self.model.predict_noise(x_t, t, trained_cond.repeat(x_t.shape[0]))
         loss = F.mse_loss(prediction.float(), target)
-        self.precision.step(loss, self.optimizer)
-        return float(loss.detach())
+        self.precision.step(loss, self.optimizer, sync=lambda: self.parallel.average_gradients(self.parameters.values()))
+        return self.parallel.mean([float(loss.detach())])[0]  # (several processes: the global batch's loss)
 
     def draw(self) -> tuple[int, int, torch.Tensor, torch.Tensor]:
         """This iteration's random choices: concept index, DDIM steps to run for x_t, timesteps t, starting noise.
@@ -432,10 +442,12 @@ class ESDTrainer:
         return concept_index, steps, t, noise.to(self.device, self.dtype)
 
     def step(self) -> float:
-        """One ESD iteration: draw, sample x_t, one update."""
+        """One ESD iteration: draw, sample x_t, one update (on this process's rows of the batch)."""
         config = self.config
         concept_index, steps, t, noise = self.draw()
-        batch = config.batch_size
+        rows = self.parallel.rows
+        t, noise = t[rows], noise[rows]
+        batch = self.parallel.local_batch
         source = self.erase_from if self.erase_from is not None else self.cond[concept_index]
         sampler = self.frozen() if config.sample_with == "frozen" else contextlib.nullcontext()
         with torch.no_grad(), sampler, self.autocast():
@@ -473,8 +485,7 @@ class ESDTrainer:
                 self.parameters[name].grad = None
         for name, parameter in unet.named_parameters():
             parameter.requires_grad_(self._requires_grad.get(name, False))
-        if self.config.gradient_checkpointing and not self._was_checkpointing:
-            unet.disable_gradient_checkpointing()
+        self._restore_checkpointing()
         if hasattr(self, "optimizer"):
             self.optimizer.state.clear()
 
@@ -493,6 +504,7 @@ class ESDTrainer:
             "concept_counts": dict(zip(self.concepts, self.concept_counts)),
             "precision": str(self.precision.compute_dtype or self.dtype).replace("torch.", ""),
             "device": self.device.type,
+            "processes": self.parallel.world_size,
             "on_top_of": [e.fingerprint for e, _ in self.model.applied_erasures],
         }
 

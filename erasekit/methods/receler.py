@@ -82,6 +82,18 @@ apply it (an open-weights caveat the CPE reviewers raised for Receler too).
 **Checkpoints** (``checkpoint_dir`` / ``checkpoint_every`` / ``resume``) go through :mod:`erasekit.training`;
 a resumed run ends with the uninterrupted run's erasers, bit for bit on the CPU.
 
+**Precision and memory.** ``mixed_precision="bf16"`` or ``"fp16"`` runs the UNet passes under CUDA
+autocast (the erasers and the adversarial vectors stay float32, the erasers compute in float32;
+fp16 adds a gradient scaler); on a CPU it is ignored with a warning. ``gradient_checkpointing=True``
+recomputes the UNet's block activations in the backward passes (the attack steps and the eraser step
+both backpropagate through the whole UNet).
+
+**Several processes** (``accelerate launch`` / ``torchrun``): data parallel through
+:class:`erasekit.training.DataParallel`, as ESD: ``batch_size`` is the global batch, every process
+draws the same choices for all of it and computes its own rows, and the gradients of the erasers
+and of the adversarial vectors are averaged before every Adam step, so every process holds the same
+erasers and vectors, those of one process with the same batch (up to float rounding).
+
 Presets (``PRESETS``):
 
 ``paper``
@@ -113,8 +125,8 @@ from erasekit.models.handle import Conditioning
 from erasekit.modules.receler import Eraser, eraser_state
 from erasekit.targets import EraseTarget
 from erasekit.training import (
-    CheckpointConfig, comparable, generator_state, load_optimizer_state, optimizer_state, set_generator_state,
-    weights_digest,
+    MIXED_PRECISION, CheckpointConfig, Precision, comparable, generator_state, load_optimizer_state, optimizer_state,
+    set_generator_state, weights_digest,
 )
 
 TIMESTEP_COUPLINGS = ("official", "aligned")
@@ -147,10 +159,15 @@ class RecelerConfig(CheckpointConfig):
         "help": "K: learnable vectors spliced after the concept's tokens.", "min": 1})
     adversarial_learning_rate: float = field(default=0.1, metadata={"help": "Adam learning rate of the adversarial vectors.", "gt": 0})
     adversarial_weight_decay: float = field(default=0.1, metadata={"help": "Adam weight decay of the adversarial vectors.", "min": 0})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in the backward passes to save memory."})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "CUDA autocast precision of the UNet passes: bf16 or fp16 (none: float32; ignored on a CPU).",
+        "choices": ("bf16", "fp16")})
     seed: int = field(default=0, metadata={"help": "Seed of the eraser initialisation and the training draws."})
 
 
 CONFIG = RecelerConfig
+DATA_PARALLEL = True  # several processes split each batch (erasekit.training.DataParallel)
 
 PRESETS = {
     "paper": {},
@@ -288,6 +305,8 @@ def _check_config(config: RecelerConfig) -> None:
         raise ErasekitError("mask_downsample must be at least 1")
     if config.checkpoint_dir is not None and config.checkpoint_every < 1:
         raise ErasekitError("checkpoint_every must be at least 1")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ErasekitError(f"mixed_precision must be None, 'bf16' or 'fp16', not {config.mixed_precision!r}")
 
 
 class RecelerTrainer:
@@ -303,9 +322,12 @@ class RecelerTrainer:
             raise ErasekitError("no concept to erase; pass at least one concept")
         self.model, self.concepts, self.config = model, concepts, config
         self.device = model.device
+        self.parallel = training.DataParallel(config.batch_size, self.device)  # this process's rows of each batch
+        self.precision = Precision(config.mixed_precision, self.device, model.dtype)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.name = f"receler-train-{id(self)}"
         self._closed = False
+        self._restore_checkpointing = lambda: None
 
         # the erasers, one per cross-attention layer, trained in float32
         self.layers = model.cross_attention_layers()
@@ -358,13 +380,15 @@ class RecelerTrainer:
         model.unet.requires_grad_(False)
         for path, eraser in self.erasers.items():
             hooked_processor(self.layers[path]).output_hooks[self.name] = self._training_hook(path, eraser)
+        self._restore_checkpointing = training.enable_gradient_checkpointing(model.unet, config.gradient_checkpointing)
 
     # ------------------------------------------------------------------------ hooks
     def _training_hook(self, path: str, eraser: Eraser):
         def hook(attn, out):
             if not self.eraser_on:
                 return out
-            erased = eraser(out.float())
+            with torch.autocast(out.device.type, enabled=False):  # the eraser computes in float32, under autocast too
+                erased = eraser(out.float())
             if self.eraser_outputs is not None:
                 self.eraser_outputs[path] = erased
             return out + erased.to(out.dtype)
@@ -418,17 +442,18 @@ class RecelerTrainer:
     def sample_x_t(self, concept_index: int, steps: int, noise: torch.Tensor) -> torch.Tensor:
         """``steps`` DDIM steps from ``noise`` with CFG on the concept, erasers on (on-policy)."""
         batch = noise.shape[0]
-        return self.model.sample(
-            self.cond[concept_index].repeat(batch), uncond=self.uncond.repeat(batch), guidance=self.config.start_guidance,
-            num_inference_steps=self.config.ddim_steps, scheduler=self.scheduler, latents=noise, stop_step=steps,
-        )
+        with self.precision.autocast():
+            return self.model.sample(
+                self.cond[concept_index].repeat(batch), uncond=self.uncond.repeat(batch), guidance=self.config.start_guidance,
+                num_inference_steps=self.config.ddim_steps, scheduler=self.scheduler, latents=noise, stop_step=steps,
+            )
 
     @torch.no_grad()
     def teacher(self, x_t: torch.Tensor, t: torch.Tensor, concept_index: int):
         """ε(x_t, c), ε(x_t, "") of the frozen model, and the concept's binary mask per eraser layer."""
         batch = x_t.shape[0]
         cond = Conditioning.cat([self.cond[concept_index].repeat(batch), self.uncond.repeat(batch)])
-        with self.eraser_off(), self.capture_maps(self.positions[concept_index], batch):
+        with self.eraser_off(), self.capture_maps(self.positions[concept_index], batch), self.precision.autocast():
             eps = self.model.predict_noise(torch.cat([x_t, x_t]), t.repeat(2), cond).float()
         eps_concept, eps_empty = eps.chunk(2)
         h, w = self.mask_size
@@ -447,12 +472,11 @@ class RecelerTrainer:
         """One Adam step on P minimising || ε_{θ+E}(x_t, [c; P]) - ε*(x_t, c) ||² (erasers fixed); returns the loss."""
         vectors = self.adversarial[concept_index]
         cond = self.adversarial_condition(concept_index).repeat(x_t.shape[0])
-        loss = F.mse_loss(self.model.predict_noise(x_t, t, cond).float(), eps_concept)
-        (gradient,) = torch.autograd.grad(loss, [vectors])
+        with self.precision.autocast():
+            prediction = self.model.predict_noise(x_t, t, cond)
+        loss = F.mse_loss(prediction.float(), eps_concept)
         optimizer = self.adversarial_optimizers[concept_index]
-        optimizer.zero_grad(set_to_none=True)
-        vectors.grad = gradient
-        optimizer.step()
+        self.precision.step(loss, optimizer, sync=lambda: self.parallel.average_gradients([vectors]), inputs=[vectors])
         vectors.grad = None
         return float(loss.detach())
 
@@ -466,23 +490,23 @@ class RecelerTrainer:
         target = eps_empty - config.negative_guidance * (eps_concept - eps_empty)
         self.eraser_outputs = {}
         try:
-            prediction = self.model.predict_noise(x_t, t, cond.repeat(x_t.shape[0]))
+            with self.precision.autocast():
+                prediction = self.model.predict_noise(x_t, t, cond.repeat(x_t.shape[0]))
             outputs = self.eraser_outputs
         finally:
             self.eraser_outputs = None
         erase_loss = F.mse_loss(prediction.float(), target)
         regularization = localization_loss(outputs, {path: masks[path] for path in outputs})
         loss = erase_loss + config.regularization_weight * regularization
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.precision.step(loss, self.optimizer, sync=lambda: self.parallel.average_gradients(self.parameters))
         return float(erase_loss.detach()), float(regularization.detach())
 
     def step(self) -> dict[str, float]:
-        """One Receler iteration: draw, sample x_t, teacher, attack steps, one eraser step."""
+        """One Receler iteration: draw, sample x_t, teacher, attack steps, one eraser step (on this process's rows)."""
         config = self.config
         concept_index, steps, t, noise = self.draw()
-        t = t.to(self.device)
+        rows = self.parallel.rows
+        t, noise = t[rows].to(self.device), noise[rows]
         x_t = self.sample_x_t(concept_index, steps, noise).to(self.model.dtype)
         eps_concept, eps_empty, masks = self.teacher(x_t, t, concept_index)
         attack = float("nan")
@@ -491,6 +515,7 @@ class RecelerTrainer:
         erase_loss, regularization = self.eraser_step(x_t, t, concept_index, eps_concept, eps_empty, masks)
         self.iteration += 1
         self.concept_counts[concept_index] += 1
+        erase_loss, regularization, attack = self.parallel.mean([erase_loss, regularization, attack])  # of the global batch
         losses = {"loss": erase_loss + config.regularization_weight * regularization, "erase": erase_loss,
                   "regularization": regularization, "attack": attack}
         for key, value in losses.items():
@@ -518,6 +543,7 @@ class RecelerTrainer:
         self._closed = True
         remove_hooks(self.layers, self.name)
         remove_hooks(self.layers, f"{self.name}-mask")
+        self._restore_checkpointing()
         for name, parameter in self.model.unet.named_parameters():
             parameter.requires_grad_(self._requires_grad.get(name, False))
         self.optimizer.state.clear()
@@ -542,7 +568,9 @@ class RecelerTrainer:
             "regularization_curve": curve(self.history["regularization"]),
             "attack_curve": curve(self.history["attack"]),
             "concept_counts": dict(zip(self.concepts, self.concept_counts)),
+            "precision": self.precision.name,
             "device": self.device.type,
+            "processes": self.parallel.world_size,
             "on_top_of": [e.fingerprint for e, _ in self.model.applied_erasures],
         }
 
@@ -573,7 +601,8 @@ class RecelerTrainer:
             adversarial_values.append(values)
         history = {key: [None if v != v else v for v in values] for key, values in self.history.items()}  # NaN -> null
         state = {"iteration": self.iteration, "generator": generator_state(self.generator), "history": history,
-                 "concept_counts": self.concept_counts, "adam": adam_values, "adversarial_adam": adversarial_values}
+                 "concept_counts": self.concept_counts, "adam": adam_values, "adversarial_adam": adversarial_values,
+                 "grad_scaler": self.precision.state()}
         return tensors, state
 
     def load_state(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -593,6 +622,7 @@ class RecelerTrainer:
             self.history = {key: [float("nan") if v is None else float(v) for v in state["history"][key]]
                             for key in self.history}
             self.concept_counts = [int(c) for c in state["concept_counts"]]
+            self.precision.load_state(state.get("grad_scaler"))
         except (KeyError, IndexError, RuntimeError) as error:
             raise ErasekitError(
                 f"the Receler checkpoint at step {step} does not fit this run ({type(error).__name__}: {error}); "
