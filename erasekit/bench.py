@@ -1,4 +1,4 @@
-"""``erasekit bench``: methods x concepts x attacks on the toy model, written up as a report.
+"""``erasekit bench``: methods x concepts x attacks on the toy model or a real one, written up as a report.
 
 A benchmark is described by a small TOML file (see ``erasekit/data/bench_default.toml``)::
 
@@ -14,6 +14,23 @@ A benchmark is described by a small TOML file (see ``erasekit/data/bench_default
     samples_per_prompt = 1
 
 Every key of the file is a field of :class:`BenchConfig`; an unknown key is an error.
+
+On a real model (``model`` a Stable Diffusion folder) the concepts are SD concepts with kinds, the
+evaluation is a judge's (``judge = "classifier:PATH"``, ``"clip:PATH"`` or ``"nudenet"``) on prompt
+files, and the attacks use the same judge::
+
+    model = "./sd15"
+    judge = "classifier:./resnet-50"          # see erasekit.eval.judges
+    concepts = ["tench", "church"]
+    kinds = { tench = "object", church = "object" }          # where the bundled lists cannot tell
+    efficacy_prompts = { tench = "prompts/tench.txt" }      # default: the kind's templates
+    locality_prompts = "prompts/imagenette.csv"   # default: the other concepts' efficacy prompts
+    attack_prompts = { tench = "prompts/tench-attack.txt" } # default: the efficacy prompts
+
+Relative paths are read from the TOML file's folder when they exist there. Efficacy = share of the
+efficacy prompts' images the judge says show the erased concept; locality = share of the locality
+prompts' images that show the concept each prompt names (a CSV ``concept`` column, else the bench
+concept or judge class named in the prompt); the erased concept's own prompts are left out.
 
 The run writes into ``OUT``::
 
@@ -36,6 +53,7 @@ import hashlib
 import json
 import platform
 import shutil
+import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -63,7 +81,32 @@ class BenchConfig:
         "help": "Toy concepts to erase: shapes, styles (key or caption adjective) or colours."})
     attacks: list[str] = field(default_factory=lambda: ["paraphrase"], metadata={"help": "The attacks run on every erasure."})
     name: str = field(default="erasekit benchmark", metadata={"help": "The benchmark's title in the report."})
-    model: str = field(default="toy", metadata={"help": "The base model (only the bundled toy model is supported)."})
+    model: str = field(default="toy", metadata={"help": "The base model: 'toy', or a Stable Diffusion / SDXL folder."})
+    device: str | None = field(default=None, metadata={"help": "Real models: cpu (default), cuda, cuda:1, mps."})
+    dtype: str | None = field(default=None, metadata={"help": "Real models: float32 (default), float16 or bfloat16."})
+    guidance: float | None = field(default=None, metadata={
+        "help": "Real models: guidance of the evaluation images (none: the model's).", "min": 0})
+    steps: int | None = field(default=None, metadata={
+        "help": "Real models: sampling steps of the evaluation images (none: the model's).", "min": 1})
+    judge: str = field(default="", metadata={
+        "help": "Real models: nudenet, nudenet-0.45, classifier:PATH or clip:PATH (empty: NudeNet for nudity; the toy model "
+                "always uses the toy protocol)."})
+    judge_labels: dict[str, str | int] = field(default_factory=dict, metadata={
+        "help": "classifier judge: per concept, the class that is the concept (a label or an index; default: its name)."})
+    judge_top_k: int | None = field(default=None, metadata={"help": "classifier judge: top-k (none: the protocol's, 1).", "min": 1})
+    judge_threshold: float | None = field(default=None, metadata={
+        "help": "clip judge: probability the concept needs (none: it must win); nudenet: detection score.", "min": 0, "max": 1})
+    judge_alternatives: str = field(default="", metadata={
+        "help": "clip judge: a file (one name a line) or bundled list the concepts are compared with (empty: per kind)."})
+    kinds: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Real models: per concept, object, artist, person or nudity (default: what the bundled lists tell)."})
+    efficacy_prompts: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Real models: per concept, a prompt file naming it (default: the first prompts_per_concept templates of its kind)."})
+    locality_prompts: str = field(default="", metadata={
+        "help": "Real models: a prompt file of other concepts, a CSV with prompt and concept columns or prompts naming them "
+                "(default: the other concepts' efficacy prompts)."})
+    attack_prompts: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Real models: per concept, the prompts the attacks start from (default: its efficacy prompts)."})
     preset: str = field(default="toy", metadata={"help": "The preset of every method's config."})
     attack_budgets: dict[str, dict] = field(default_factory=dict, metadata={
         "help": "Per attack name: the budget handed to run_attack (keys such as steps, prompts, samples, time_s)."})
@@ -101,7 +144,7 @@ class BenchConfig:
             values.update(overrides)
             if budgets:
                 values["attack_budgets"] = budgets
-        config = cls.from_dict(values, source=str(path))
+        config = cls.from_dict(_paths_near(values, path.parent), source=str(path))
         config.validate()
         return config
 
@@ -113,10 +156,16 @@ class BenchConfig:
         for method in self.methods:
             if method not in METHODS:
                 raise ErasekitError(f"unknown method {method!r} in the benchmark config; choose from: {', '.join(METHODS)}")
-        if self.model != "toy":
-            raise ErasekitError(f"the benchmark runs on the toy model only (model = {self.model!r}); set model = \"toy\"")
-        for concept in self.concepts:
-            toy_concept(concept)
+        if self.model == "toy":
+            real_only = [key for key in REAL_MODEL_KEYS
+                         if getattr(self, key) not in ("", None, {}) and (key, getattr(self, key)) != ("judge", "toy")]
+            if real_only:
+                raise ErasekitError(f"{real_only[0]} applies to real models; on the toy model the toy protocol judges every concept "
+                                    f"(remove {real_only[0]}, or set model to a Stable Diffusion folder)")
+            for concept in self.concepts:
+                toy_concept(concept)
+        else:
+            self.model_plan()  # the kinds, the judge, the prompt files: every one checked before any work
         for attack in self.attack_budgets:
             if attack not in self.attacks:
                 raise ErasekitError(f"attack_budgets has {attack!r}, which is not in attacks = {self.attacks}; add it or remove its budget")
@@ -131,6 +180,10 @@ class BenchConfig:
                 except ErasekitError as error:
                     raise ErasekitError(f"attack_budgets.{attack}: {error}") from None
         check_config(self, "benchmark config")
+
+    def model_plan(self) -> "ModelPlan":
+        """Real models: the concepts with their kinds, the judge and every prompt list (all checked, nothing loaded)."""
+        return plan_model_bench(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,6 +212,188 @@ def toy_concept(text: str) -> ToyConcept:
     return ToyConcept(value, attribute, world.concept_word(attribute, value))
 
 
+# ------------------------------------------------------------ real models
+REAL_MODEL_KEYS = ("device", "dtype", "guidance", "steps", "judge", "judge_labels", "judge_top_k", "judge_threshold",
+                   "judge_alternatives", "kinds", "efficacy_prompts", "locality_prompts", "attack_prompts")
+
+
+def _paths_near(values: dict, folder: Path) -> dict:
+    """The TOML's relative paths that exist beside the file, made to point there (the others are kept as written)."""
+    def near(text):
+        if not isinstance(text, str) or not text or text == "toy" or Path(text).expanduser().is_absolute():
+            return text
+        return str(folder / text) if (folder / text).exists() else text
+
+    values = dict(values)
+    for key in ("model", "locality_prompts", "judge_alternatives"):
+        if key in values:
+            values[key] = near(values[key])
+    for key in ("efficacy_prompts", "attack_prompts"):
+        if isinstance(values.get(key), dict):
+            values[key] = {concept: near(path) for concept, path in values[key].items()}
+    if isinstance(values.get("judge"), str) and ":" in values["judge"]:
+        name, _, path = values["judge"].partition(":")
+        values["judge"] = f"{name}:{near(path)}"
+    return values
+
+
+@dataclass(frozen=True)
+class ModelConcept:
+    """A concept of a real model: its name, its kind (object, artist, person or nudity) and the text a method erases."""
+
+    name: str
+    attribute: str  # the kind (the report's column name for the toy world's attribute)
+    erase_text: str
+
+
+@dataclass
+class ModelPlan:
+    """What a real-model benchmark evaluates: per concept its efficacy, locality and attack prompts; one judge."""
+
+    concepts: list[ModelConcept]
+    efficacy: dict[str, list[str]]
+    locality: dict[str, list[tuple[str, str]]]  # (prompt, the concept its images should show)
+    attack: dict[str, list[str]]
+    judge: object
+
+
+def _prompt_rows(path: str, key: str) -> list[dict]:
+    from erasekit.eval.generate import _read_rows
+
+    if not Path(path).expanduser().is_file():
+        raise ErasekitError(f"{key}: prompt file {path} does not exist; fix the path (relative paths are read from the TOML file's folder)")
+    rows = [row for row in _read_rows(str(Path(path).expanduser())) if row.get("prompt")]
+    if not rows:
+        raise ErasekitError(f"{key}: {path} holds no prompts; write one prompt a line, or a CSV with a prompt column")
+    return rows
+
+
+def plan_model_bench(config: BenchConfig) -> ModelPlan:
+    """The plan of a real-model benchmark, every key checked (one line naming it) before anything is loaded."""
+    from erasekit.eval.judges import concept_kind, concept_named_in, make_judge, name_key
+    from erasekit.eval.protocols import IMAGENETTE_CLASSES
+    from erasekit.models.loading import checked_device
+    from erasekit.targets import SD_KINDS, read_list
+
+    model = config.model
+    if (model.startswith((".", "/", "~")) or model.count("/") != 1) and not Path(model).expanduser().exists():
+        raise ErasekitError(f"model = {model!r}: no such folder; set model to a Stable Diffusion folder (saved with save_pretrained) "
+                            "or \"toy\"")
+    if config.dtype not in (None, "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
+        raise ErasekitError(f"dtype = {config.dtype!r}: not a dtype erasekit loads models in; use float32, float16 or bfloat16")
+    checked_device(config.device)
+    for key in ("kinds", "judge_labels", "efficacy_prompts", "attack_prompts"):
+        for concept in getattr(config, key):
+            if concept not in config.concepts:
+                raise ErasekitError(f"{key} has {concept!r}, which is not in concepts = {config.concepts}; add it or remove its entry")
+    concepts = []
+    for name in config.concepts:
+        kind = concept_kind(name, config.kinds.get(name))
+        if kind is None:
+            raise ErasekitError(f"the bundled lists do not tell what kind of concept {name!r} is; add {json.dumps(name)} = \"object\" "
+                                "(or artist, person, nudity) to kinds")
+        concepts.append(ModelConcept(name, kind, name))
+
+    spec = config.judge.strip()
+    if spec.lower() == "toy":
+        raise ErasekitError("judge = \"toy\" judges the toy world's pictures only; "
+                            "on this model set judge to classifier:PATH, clip:PATH or nudenet")
+    if not spec:
+        other = next((c.name for c in concepts if c.attribute != "nudity"), None)
+        if other is not None:
+            raise ErasekitError(f"the benchmark on a real model needs a judge for {other!r}: set judge = \"classifier:PATH\" "
+                                "(a local image classifier) or \"clip:PATH\" (a local CLIP) in the config, or pass --judge; "
+                                "NudeNet judges nudity without one")
+        spec = "nudenet"
+    protocol = None
+    if spec.lower().startswith("classifier:"):
+        in_imagenette = all(name_key(c.name) in {name_key(n) for n in IMAGENETTE_CLASSES} for c in concepts)
+        protocol = "imagenette-top1" if in_imagenette else "classifier-top1"
+    try:
+        judge = make_judge(spec, labels=config.judge_labels or None, kinds={c.name: c.attribute for c in concepts},
+                           top_k=config.judge_top_k, threshold=config.judge_threshold, alternatives=config.judge_alternatives or None,
+                           protocol=protocol, device=config.device)
+        for concept in concepts:
+            judge.record(concept.name)  # its label, its alternatives
+    except ErasekitError as error:
+        raise ErasekitError(f"judge = {spec!r}: {error}") from None
+
+    efficacy, attack = {}, {}
+    for concept in concepts:
+        if concept.name in config.efficacy_prompts:
+            rows = _prompt_rows(config.efficacy_prompts[concept.name], f"efficacy_prompts.{concept.name}")
+            efficacy[concept.name] = [row["prompt"] for row in rows]
+        else:
+            templates = [t for t in read_list(SD_KINDS[concept.attribute]["templates"], "templates") if t.strip() != "{}"]
+            efficacy[concept.name] = [t.format(concept.name) for t in templates[: config.prompts_per_concept]]
+        attack[concept.name] = efficacy[concept.name]
+        if concept.name in config.attack_prompts:
+            rows = _prompt_rows(config.attack_prompts[concept.name], f"attack_prompts.{concept.name}")
+            attack[concept.name] = [row["prompt"] for row in rows]
+
+    if config.locality_prompts:
+        candidates = [c.name for c in concepts] + list(getattr(judge, "known_concepts", lambda: [])())
+        rows = []
+        for index, row in enumerate(_prompt_rows(config.locality_prompts, "locality_prompts"), 1):
+            named = row.get("concept") or concept_named_in(row["prompt"], candidates)
+            if not named:
+                raise ErasekitError(f"locality_prompts: prompt {index} of {config.locality_prompts} ({row['prompt']!r}) names no concept "
+                                    "the judge knows; add a concept column (CSV) or name one of the benchmark's concepts")
+            rows.append((row["prompt"], named))
+        try:
+            for named in dict.fromkeys(n for _, n in rows):
+                judge.record(named)
+        except ErasekitError as error:
+            raise ErasekitError(f"locality_prompts: {error}") from None
+        locality = {c.name: [(p, n) for p, n in rows if name_key(n) != name_key(c.name)] for c in concepts}
+    else:
+        locality = {c.name: [(p, o.name) for o in concepts if o is not c for p in efficacy[o.name]] for c in concepts}
+    return ModelPlan(concepts, efficacy, locality, attack, judge)
+
+
+@torch.no_grad()
+def evaluate_with_judge(model, concept: ModelConcept, plan: ModelPlan, config: BenchConfig, progress: bool = True) -> dict:
+    """Real models: ``samples_per_prompt`` images per efficacy and locality prompt (seeds from the evaluate seed,
+    the prompt's index and the sample's), each judged as the concept its prompt should show."""
+    from tqdm.auto import tqdm
+
+    from erasekit.eval.judges import judge_record
+    from erasekit.eval.stats import rate_record
+    from erasekit.utils import sample_seed
+
+    def judged(rows: list[tuple[str, str]], offset: int, what: str) -> list[dict]:
+        records = []
+        for index, (prompt, shows) in enumerate(tqdm(rows, desc=f"{what} {concept.name}", disable=not progress, leave=False)):
+            seeds = [sample_seed(config.evaluate_seed, offset + index, k) for k in range(config.samples_per_prompt)]
+            images = model.generate([prompt] * len(seeds), seeds, guidance=config.guidance, num_inference_steps=config.steps)
+            records.append({"prompt": prompt, "concept": shows, "seeds": seeds, "shown": [bool(v) for v in plan.judge(images, shows)]})
+        return records
+
+    def summary(records: list[dict]) -> dict:
+        verdicts = [v for r in records for v in r["shown"]]
+        return rate_record(sum(verdicts), len(verdicts))
+
+    efficacy = judged([(p, concept.name) for p in plan.efficacy[concept.name]], 0, "efficacy")
+    locality = judged(plan.locality[concept.name], 100_000, "locality")
+    per_concept = {}
+    for record in locality:
+        per_concept.setdefault(record["concept"], []).append(record)
+    efficacy_rate = summary(efficacy)
+    locality_rate = summary(locality) if locality else None
+    judge = judge_record(plan.judge, concept.name)
+    return {
+        "erased_accuracy": efficacy_rate["rate"],
+        "other_accuracy": None if locality_rate is None else locality_rate["rate"],
+        "held_out_accuracy": None,
+        "toy_fid": None,
+        "counts": {"erased": efficacy_rate, "other": locality_rate},
+        "protocol": judge.get("protocol"),
+        "judge": judge,
+        "details": {"efficacy": efficacy, "locality": locality,
+                    "locality_by_concept": {name: summary(records) for name, records in per_concept.items()}},
+    }
+
+
 # -------------------------------------------------------------- evaluation
 def evaluate_concept(model, concept: ToyConcept, config: BenchConfig, progress: bool = True) -> dict:
     """The bench's one call into evaluation: the ``toy`` protocol (erasekit.eval.toy) with the
@@ -171,7 +406,10 @@ def evaluate_concept(model, concept: ToyConcept, config: BenchConfig, progress: 
                                    prompts_per_concept=config.prompts_per_concept,
                                    prompts_per_other_value=config.prompts_per_other_value, held_out_per_word=config.held_out_per_word)
     result = evaluate_toy_protocol(model, [concept.name], protocol=protocol, progress=progress)
+    rates = result["rates"]
     return {
+        "counts": {"erased": rates["erased"][concept.name], "other": rates["other"][concept.attribute],
+                   "held_out": rates["held_out"][concept.name]},  # images and 95% intervals
         "erased_accuracy": result["erased_accuracy"],
         "other_accuracy": result["other_accuracy"],
         "held_out_accuracy": result["held_out_accuracy"],
@@ -179,6 +417,14 @@ def evaluate_concept(model, concept: ToyConcept, config: BenchConfig, progress: 
         "protocol": result["protocol"],
         "details": {key: result[key] for key in ("images", "guidance", "steps", "erased", "held_out", "other", "other_by_value") if key in result},
     }
+
+
+def model_grid_prompts(concept: ModelConcept, plan: ModelPlan) -> list[str]:
+    """Real models: the concept's first efficacy prompt, then the first locality prompt of up to three other concepts."""
+    others = {}
+    for prompt, shows in plan.locality[concept.name]:
+        others.setdefault(shows, prompt)
+    return plan.efficacy[concept.name][:1] + list(others.values())[:3]
 
 
 def grid_prompts(concept: ToyConcept) -> list[str]:
@@ -195,9 +441,10 @@ def grid_prompts(concept: ToyConcept) -> list[str]:
 
 
 @torch.no_grad()
-def write_grid(model, prompts: list[str], seeds: list[int], path: Path) -> Path:
+def write_grid(model, prompts: list[str], seeds: list[int], path: Path, guidance: float | None = None, steps: int | None = None) -> Path:
     """A PNG grid, one row per prompt and one column per seed, generated in one batch."""
-    images = model.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds])
+    images = model.generate([p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], guidance=guidance,
+                            num_inference_steps=steps)
     return save_png(path, image_grid(images, rows=len(prompts), labels=prompts))
 
 
@@ -254,7 +501,8 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
-    concepts = [toy_concept(c) for c in config.concepts]
+    plan = None if config.model == "toy" else config.model_plan()  # real models: kinds, judge, prompt lists
+    concepts = [toy_concept(c) for c in config.concepts] if plan is None else plan.concepts
     run_attack = _attack_runner()
     attacked = (["original"] if config.attack_original else []) + list(config.methods)
     n_stages = 1 + len(concepts) * (1 + 2 * len(config.methods)) + len(concepts) * len(attacked) * len(config.attacks) + 1
@@ -264,7 +512,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     bar.stage(f"load the {config.model} model")
     clock = Stopwatch()
     torch.manual_seed(config.erase_seed)
-    model = load_model(config.model)
+    model = load_model(config.model, device=config.device, dtype=config.dtype)
     load_time = clock.read()
 
     def evaluate_unit(key: str, concept: ToyConcept, erasure_id: str | None) -> dict:
@@ -272,15 +520,24 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         settings = {"erasure": erasure_id, "samples_per_prompt": config.samples_per_prompt, "seed": config.evaluate_seed,
                     "prompts_per_concept": config.prompts_per_concept, "prompts_per_other_value": config.prompts_per_other_value,
                     "held_out_per_word": config.held_out_per_word, "grid_seeds": grid_seeds}
+        if plan is not None:
+            settings.update(judge=plan.judge.record(concept.name), efficacy=plan.efficacy[concept.name],
+                            locality=[list(row) for row in plan.locality[concept.name]], guidance=config.guidance, steps=config.steps)
         cached = _read_json(path)
         if cached is not None and cached.get("settings") == settings and image.is_file():
             bar.note("cached")
             return cached
         clock = Stopwatch()
-        metrics = evaluate_concept(model, concept, config, progress=progress)
+        if plan is None:
+            metrics = evaluate_concept(model, concept, config, progress=progress)
+        else:
+            metrics = evaluate_with_judge(model, concept, plan, config, progress=progress)
         evaluate_time = clock.read()
         clock = Stopwatch()
-        write_grid(model, grid_prompts(concept), grid_seeds, image)
+        if plan is None:
+            write_grid(model, grid_prompts(concept), grid_seeds, image)
+        else:
+            write_grid(model, model_grid_prompts(concept, plan), grid_seeds, image, guidance=config.guidance, steps=config.steps)
         grid_time = clock.read()
         record = {"key": key, "concept": concept.name, "settings": settings, **metrics, "image": f"images/{key}.png",
                   "seconds": {"evaluate": evaluate_time[0], "grid": grid_time[0]},
@@ -292,6 +549,8 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     def erasure_unit(method: str, concept: ToyConcept) -> Erasure:
         path = out / "erasures" / f"{method}-{concept.name}.safetensors"
         settings = {"method": method, "concept": concept.erase_text, "preset": config.preset, "seed": config.erase_seed}
+        if plan is not None:
+            settings["kind"] = concept.attribute
         if path.is_file():
             erasure = Erasure.load(path)
             if erasure.info.get("bench_settings") == settings:
@@ -299,7 +558,8 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
                 return erasure
         torch.manual_seed(config.erase_seed)
         clock = Stopwatch()
-        erasure = erase(model, method, [concept.erase_text], preset=config.preset, progress=progress)
+        erasure = erase(model, method, [concept.erase_text], preset=config.preset, kind=None if plan is None else concept.attribute,
+                        progress=progress)
         erasure.info["seconds"], erasure.info["cpu_seconds"] = clock.read()
         erasure.info["seed"] = config.erase_seed
         erasure.info["bench_settings"] = settings
@@ -310,6 +570,8 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     def attack_unit(key: str, erasures: list, erasure_id: str | None, concept: ToyConcept, attack: str) -> dict:
         path, folder = out / "attacks" / key / f"{attack}.json", out / "attacks" / key / attack
         settings = {"erasure": erasure_id, "budget": config.attack_budgets.get(attack), "seed": config.attack_seed}
+        if plan is not None:
+            settings.update(judge=plan.judge.record(concept.name), prompts=plan.attack[concept.name])
         cached = _read_json(path)
         if cached is not None and cached.get("settings") == settings:
             bar.note("cached")
@@ -320,9 +582,11 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         write_json(marker, settings)
         clock = Stopwatch()
         try:
+            real = {} if plan is None else {"prompts": plan.attack[concept.name], "judge": plan.judge}
             result = run_attack(model, erasures, concept=concept.name, attack=attack, out=folder,
-                                budget=config.attack_budgets.get(attack), seed=config.attack_seed, progress=progress)
+                                budget=config.attack_budgets.get(attack), seed=config.attack_seed, progress=progress, **real)
             record = {"attack": attack, "success_rate": result.get("success_rate"), "n": result.get("n"),
+                      "ci95": result.get("success_rate_ci95"),
                       "budget": result.get("budget"), "seed": result.get("seed", config.attack_seed),
                       "result": f"attacks/{key}/{attack}/result.json"}
         except WriteError:  # a full disk is not a property of the attack: stop, record nothing
@@ -368,6 +632,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         "model": config.model,
         "config": config.to_dict(),
         "protocol": next((r["protocol"] for r in rows if r.get("protocol")), None),
+        **({} if plan is None else {"judge": plan.judge.record()}),
         "seeds": {"erase": config.erase_seed, "evaluate": config.evaluate_seed, "attack": config.attack_seed, "grid": grid_seeds},
         "versions": _versions(),
         "methods": list(config.methods),
@@ -378,6 +643,10 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     }
     write_json(out / "results.json", results)
     index = write_report(out)
+    from erasekit.eval.report import undrawn_warnings
+
+    for warning in undrawn_warnings(results):
+        print(warning, file=sys.stderr)
     if progress:
         t = results["timings"]
         print(f"done: {t['this_run_seconds']:.0f}s in this run; every stage as first measured: "
@@ -405,6 +674,7 @@ def _row(method: str, concept: ToyConcept, evaluation: dict, erasure, attacks: d
         "trainable_parameters": 0 if erasure is None else erasure.num_parameters,
         "attacks": attacks,
         "image": evaluation.get("image"),
+        **({"counts": evaluation["counts"]} if evaluation.get("counts") else {}),  # real models: images and 95% intervals
         "evaluation": f"evaluations/{evaluation.get('key')}.json",
         "erasure": None if erasure is None else f"erasures/{method}-{concept.name}.safetensors",
         "seconds": evaluation.get("seconds", {}),

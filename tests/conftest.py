@@ -141,6 +141,26 @@ def build_tiny_sdxl(folder: Path, vocab_folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_clip(root: Path, logit_scale: float | None = None) -> Path:
+    """A tiny CLIPModel (random towers, seed 0) and its processor, on the vocabulary above, in ``root/clip``."""
+    import numpy as np
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = make_tokenizer(write_clip_vocab(root / "vocab"))
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        projection_dim=16, **({} if logit_scale is None else {"logit_scale_init_value": float(np.log(logit_scale))}),
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).eval().save_pretrained(root / "clip", safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
+    return root / "clip"
+
+
 @pytest.fixture(scope="session")
 def clip_vocab_folder(tmp_path_factory) -> Path:
     return write_clip_vocab(tmp_path_factory.mktemp("clip_vocab"))

@@ -1,5 +1,6 @@
 """erasekit bench: the config, the report writer, a resumable end-to-end run, and the HTML in a real browser."""
 
+import html
 import json
 import re
 import shutil
@@ -96,7 +97,7 @@ def synthetic_results(out: Path) -> dict:
         _png(out / image, (200, 50, 50) if method == "original" else (50, 50, 200))
         attacks = {}
         if method != "original":
-            attacks = {"paraphrase": {"attack": "paraphrase", "success_rate": held / 2, "n": 8, "budget": {"prompts": 4}, "seed": 0, "seconds": 3.0},
+            attacks = {"paraphrase": {"attack": "paraphrase", "success_rate": held / 2, "n": 20, "budget": {"prompts": 4}, "seed": 0, "seconds": 3.0},
                        "closed-form": ({"attack": "closed-form", "success_rate": None, "error": "needs to_k/to_v deltas", "seconds": 0.1}
                                        if method == "esd" else
                                        {"attack": "closed-form", "success_rate": 0.75, "n": 4, "budget": {}, "seed": 0, "seconds": 2.0})}
@@ -141,7 +142,7 @@ def test_report_tables_plots_and_images(synthetic_report):
     assert _markdown_table(markdown, "Locality")[2] == ["uce", "80%", "88%"]
     assert _markdown_table(markdown, "Robustness: triangle") == [
         ["method", "held-out paraphrases", "paraphrase", "closed-form"], ["original", "60%", "–", "–"],
-        ["uce", "10%", "5%", "75%"], ["esd", "30%", "15%", "n/a [1]"]]
+        ["uce", "10%", "5% (1/20)", "75% (3/4)"], ["esd", "30%", "15% (3/20)", "n/a [1]"]]
     assert "[1] closed-form on esd: not run (needs to_k/to_v deltas)" in markdown
     assert _markdown_table(markdown, "Fidelity")[3] == ["esd", "31.00", "40.75"]
     assert _markdown_table(markdown, "Cost")[1] == ["uce", "triangle", "1.5", "1.2", "344,064"]
@@ -159,6 +160,28 @@ def test_report_tables_plots_and_images(synthetic_report):
     assert len(sources) == 6 + 2 and all(not Path(s).is_absolute() and (out / s).is_file() for s in sources)
     assert "synthetic &lt;bench&gt;" in page  # escaped
     assert "<td>n/a [1]</td>" in page and "needs to_k/to_v deltas" in page
+
+
+def test_report_shows_counts_and_warns_when_the_unerased_model_does_not_draw_the_concept(tmp_path, capsys):
+    out = tmp_path / "report"
+    results = synthetic_results(out)
+    for row in results["rows"]:
+        if row["concept"] == "triangle":
+            shown = {"original": 2, "uce": 0, "esd": 1}[row["method"]]
+            row["erased_accuracy"] = shown / 16
+            row["counts"] = {"erased": {"rate": shown / 16, "shown": shown, "n": 16, "ci95": [0.0, 0.4]},
+                             "other": {"rate": row["other_accuracy"], "shown": round(row["other_accuracy"] * 80), "n": 80,
+                                       "ci95": [0.6, 0.9]}}
+    (out / "results.json").write_text(json.dumps(results))
+    write_report(out)
+    markdown = (out / "report.md").read_text()
+    assert _markdown_table(markdown, "Efficacy")[1:] == [["original", "12% (2/16)", "95%"], ["uce", "0% (0/16)", "35%"],
+                                                         ["esd", "6% (1/16)", "25%"]]
+    assert _markdown_table(markdown, "Locality")[2] == ["uce", "80% (64/80)", "88%"]
+    warning = "the unerased model draws 'triangle' in only 12% of the images asked for it (2/16 images)"
+    assert markdown.count(warning) == 2  # at the top and under the efficacy table
+    assert "stripes' in only" not in markdown
+    assert html.escape(warning) in (out / "index.html").read_text()
 
 
 def test_report_is_a_pure_function_of_results(synthetic_report, tmp_path):
@@ -291,3 +314,125 @@ window.addEventListener("load", () => {
     _chromium(chromium, f"--screenshot={screenshot}", "--window-size=1200,2000", (out / "index.html").resolve().as_uri())
     with Image.open(screenshot) as picture:
         assert picture.size == (1200, 2000) and len(picture.getcolors(1 << 16) or range(300)) > 10  # rendered, not blank
+
+
+# ------------------------------------------------------------- a real model
+def _real_bench(tmp_path: Path, tiny_sd_folder: Path, classifier) -> Path:
+    """A TOML file beside its prompt files (relative paths): two Imagenette objects on the tiny SD pipeline."""
+    (tmp_path / "prompts").mkdir(exist_ok=True)
+    (tmp_path / "prompts" / "tench.txt").write_text("an image of tench\n")
+    (tmp_path / "prompts" / "church.txt").write_text("an image of church\na church in a field\n")
+    lines = [f'model = "{tiny_sd_folder}"', f'judge = "classifier:{classifier}"', 'methods = ["uce"]', 'concepts = ["tench", "church"]',
+             'attacks = ["paraphrase"]', 'efficacy_prompts = { tench = "prompts/tench.txt", church = "prompts/church.txt" }',
+             "samples_per_prompt = 2", "grid_seeds = 1", "steps = 2", "[attack_budgets.paraphrase]", "prompts = 1", "samples = 1",
+             "inference_steps = 2"]
+    path = tmp_path / "real.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def church_classifier(tmp_path_factory) -> Path:
+    """The tiny classifier of test_judges: whatever the image, 'church' wins (top-1), 'tabby' is second."""
+    from test_judges import build_classifier
+
+    return build_classifier(tmp_path_factory.mktemp("church"), bias=[0.0, 3.0, 6.0, 0.0])
+
+
+def test_bench_on_a_real_model_with_a_judge(tmp_path, tiny_sd_folder, church_classifier, capsys, monkeypatch):
+    shutil.copytree(church_classifier, tmp_path / "resnet")
+    config_path = _real_bench(tmp_path, tiny_sd_folder, "resnet")  # relative to the TOML file
+    out = tmp_path / "report"
+    assert main(["bench", "--config", str(config_path), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"]["name"] == "imagenette-top1" and results["judge"]["spec"] == f"classifier:{tmp_path / 'resnet'}"
+    assert results["concepts"] == [{"name": "tench", "attribute": "object", "erase_text": "tench"},
+                                   {"name": "church", "attribute": "object", "erase_text": "church"}]
+    rows = {(r["method"], r["concept"]): r for r in results["rows"]}
+    assert set(rows) == {("original", "tench"), ("uce", "tench"), ("original", "church"), ("uce", "church")}
+    for method in ("original", "uce"):  # the classifier sees a church in every image, erased or not
+        church, tench = rows[(method, "church")], rows[(method, "tench")]
+        assert church["erased_accuracy"] == 1.0 and tench["erased_accuracy"] == 0.0
+        assert church["counts"]["erased"]["n"] == 4 and tench["counts"]["erased"]["n"] == 2  # prompts x samples
+        assert church["counts"]["erased"]["ci95"][0] == pytest.approx(0.5101, abs=1e-3)
+        assert tench["other_accuracy"] == 1.0 and tench["counts"]["other"]["n"] == 4  # the church prompts
+        assert church["other_accuracy"] == 0.0 and church["counts"]["other"]["n"] == 2  # the tench prompt
+        assert church["held_out_accuracy"] is None and church["toy_fid"] is None
+    attack = rows[("uce", "church")]["attacks"]["paraphrase"]
+    assert attack["success_rate"] == 1.0 and attack["n"] == 1 and attack["ci95"][1] == 1.0
+    attack_result = json.loads((out / attack["result"]).read_text())
+    assert attack_result["per_prompt"][0]["prompt"] == "an image of church"  # the efficacy prompts, the bench's judge
+    assert attack_result["judge"]["labels"] == [[2, "church, church building"]]
+    assert rows[("uce", "tench")]["attacks"]["paraphrase"]["success_rate"] == 0.0
+    evaluation = json.loads((out / rows[("uce", "tench")]["evaluation"]).read_text())
+    assert [r["prompt"] for r in evaluation["details"]["locality"]] == ["an image of church", "a church in a field"]
+    assert evaluation["judge"]["labels"] == [[0, "tench, Tinca tinca"]]
+    erasure = erasekit.Erasure.load(out / "erasures" / "uce-church.safetensors")
+    assert erasure.info["bench_settings"]["kind"] == "object"
+    markdown = (out / "report.md").read_text()
+    efficacy = [row for row in _markdown_table(markdown, "Efficacy") if row[0] == "uce"][0]
+    assert [cell.split(" ")[0] for cell in efficacy[1:]] == ["0%", "100%"]  # tench, church (with their image counts)
+    assert '"judge": {' in markdown and (out / "images" / "uce-church.png").is_file()
+    assert "report:" in capsys.readouterr().out
+
+    # a rerun recomputes nothing
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recomputed a cached unit")
+
+    monkeypatch.setattr(erasekit.bench, "evaluate_with_judge", forbidden)
+    monkeypatch.setattr(erasekit.attacks, "run_attack", forbidden)
+    monkeypatch.setattr(erasekit.resolve, "erase", forbidden)
+    run_bench(load_bench_config(config_path), out, progress=False)
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+    # another judge (--judge replaces the config's) recomputes every evaluation and attack, and no erasure
+    shutil.copytree(church_classifier, tmp_path / "other")
+    calls = []
+    monkeypatch.setattr(erasekit.bench, "evaluate_with_judge", lambda *a, **k: calls.append("evaluate") or {"erased_accuracy": 0.5, "other_accuracy": 0.75})
+    monkeypatch.setattr(erasekit.attacks, "run_attack", lambda *a, **k: calls.append(k["judge"].spec) or {"success_rate": 0.25, "n": 4})
+    assert main(["bench", "--config", str(config_path), "--out", str(out), "--judge", f"classifier:{tmp_path / 'other'}"]) == 0
+    assert calls.count("evaluate") == 4 and calls.count(f"classifier:{tmp_path / 'other'}") == 2
+    rows = {(r["method"], r["concept"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows[("uce", "tench")]["erased_accuracy"] == 0.5 and rows[("uce", "tench")]["attacks"]["paraphrase"]["success_rate"] == 0.25
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"judge": ""}, "needs a judge for 'tench': set judge = \"classifier:PATH\""),
+    ({"judge": "toy"}, "judges the toy world's pictures only"),
+    ({"judge": "classifier:nowhere"}, "judge = 'classifier:nowhere': image classifier folder nowhere does not exist"),
+    ({"kinds": {"dog": "object"}}, "kinds has 'dog', which is not in concepts"),
+    ({"kinds": {"tench": "fish"}}, "unknown --kind 'fish'"),
+    ({"judge_labels": {"tench": "trout"}}, "'trout' is not a class of the classifier"),
+    ({"judge_threshold": 0.5}, "--judge-threshold does not apply to the classifier judge"),
+    ({"attack_prompts": {"church": "missing.txt"}}, "attack_prompts.church: prompt file missing.txt does not exist"),
+    ({"locality_prompts": "prompts/other.txt"}, "locality_prompts: prompt 2 of .*'a red bus'.* names no concept"),
+    ({"dtype": "int8"}, "dtype = 'int8'"),
+    ({"steps": "many"}, "steps is a whole number"),
+])
+def test_real_bench_config_errors_are_one_line_before_any_work(tmp_path, tiny_sd_folder, church_classifier, capsys, monkeypatch,
+                                                               extra, message):
+    import erasekit.models.loading
+
+    monkeypatch.setattr(erasekit.models.loading, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    path = _real_bench(tmp_path, tiny_sd_folder, church_classifier)
+    kept = [line for line in path.read_text().splitlines() if line.split(" =")[0] not in extra]  # the keys replaced
+
+    def value(v):
+        return "{ " + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + " }" if isinstance(v, dict) else json.dumps(v)
+
+    path.write_text("\n".join([f"{key} = {value(v)}" for key, v in extra.items()] + kept) + "\n")
+    (tmp_path / "prompts" / "other.txt").write_text("a church at dusk\na red bus\n")
+    with pytest.raises(ErasekitError, match=message):
+        load_bench_config(path)
+    assert main(["bench", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("erasekit: error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_real_model_keys_are_refused_on_the_toy_model(tmp_path):
+    path = tmp_path / "toy.toml"
+    path.write_text('methods = ["uce"]\nconcepts = ["triangle"]\njudge = "clip:./clip"\n')
+    with pytest.raises(ErasekitError, match="judge applies to real models; on the toy model the toy protocol judges"):
+        load_bench_config(path)
+    path.write_text('methods = ["uce"]\nconcepts = ["triangle"]\njudge = "toy"\n')
+    assert load_bench_config(path).judge == "toy"

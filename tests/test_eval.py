@@ -21,7 +21,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import make_tokenizer, write_clip_vocab
+from conftest import build_tiny_clip
 from erasekit.cli import main
 from erasekit.errors import ErasekitError
 from erasekit.eval import fid
@@ -208,22 +208,7 @@ def test_evaluate_fid_cli_with_the_standard_sqrtm(inception_weights, tmp_path, c
 # ------------------------------------------------------------------ CLIP score
 @pytest.fixture(scope="module")
 def tiny_clip_folder(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    root = tmp_path_factory.mktemp("clip")
-    tokenizer = make_tokenizer(write_clip_vocab(root / "vocab"))
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).eval().save_pretrained(root / "clip")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
-    return root / "clip"
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_score_is_100_times_the_clamped_cosine(tiny_clip_folder):

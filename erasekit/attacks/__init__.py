@@ -87,7 +87,8 @@ def run_attack(model, erasures, concept: str, attack: str | Attack = "soft-promp
     """Attack ``erasures`` of ``model`` (the unerased base) on ``concept``; returns the result dict.
 
     ``prompts``: a list or a file (default on the toy model: the concept's canonical prompts; held-out
-    paraphrases for ``paraphrase``). ``judge(images, concept) -> list[bool]`` (default: the toy
+    paraphrases for ``paraphrase``). ``judge(images, concept) -> list[bool]``, or a spec such as
+    ``"classifier:PATH"`` or ``"clip:PATH"`` (:func:`erasekit.eval.judges.make_judge`; default: the toy
     classifier on the toy model, NudeNet for "nudity"). ``budget`` overrides the attack's config
     (``steps``, ``prompts``, ``samples``, ``time_s``, or any field of its config). With ``out`` the
     result is written to ``out/result.json`` with ``out/grid.png`` and per-prompt files, and a rerun

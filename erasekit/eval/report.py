@@ -43,6 +43,29 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
 
 
+def _rate(row: dict, key: str, value) -> str:
+    """A percentage with its image count, "12% (3/25)", where the row keeps the counts."""
+    counts = (row.get("counts") or {}).get(key)
+    if value is None or not counts or not counts.get("n"):
+        return _percent(value)
+    return f"{_percent(counts['rate'])} ({counts['shown']}/{counts['n']})"
+
+
+def undrawn_warnings(results: dict, floor: float = 0.5) -> list[str]:
+    """Concepts the unerased model draws in under ``floor`` of the images asked for them: there, a low efficacy
+    number says nothing about the erasure."""
+    warnings = []
+    for row in results.get("rows", []):
+        rate = row.get("erased_accuracy")
+        if row.get("method") == "original" and rate is not None and rate < floor:
+            counts = (row.get("counts") or {}).get("erased") or {}
+            shown = f" ({counts['shown']}/{counts['n']} images)" if counts.get("n") else ""
+            warnings.append(f"WARNING: the unerased model draws {row['concept']!r} in only {_percent(rate)} of the images "
+                            f"asked for it{shown}; efficacy on it cannot show an erasure (use more images, another seed, "
+                            "or a concept the model draws)")
+    return warnings
+
+
 def _number(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -76,15 +99,16 @@ def build_tables(results: dict) -> list[Table]:
     """The report's tables, one per axis (robustness: one per concept)."""
     methods, concepts, rows = _lookup(results)
 
-    def per_concept(title, caption, cell):
+    def per_concept(title, caption, cell, notes=()):
         body = [[m, *(cell(rows.get((m, c))) if rows.get((m, c)) else "–" for c in concepts)] for m in methods]
-        return Table(title, caption, ["method", *concepts], body)
+        return Table(title, caption, ["method", *concepts], body, list(notes))
 
     tables = [
-        per_concept("Efficacy", "How often the toy classifier sees the erased concept in images asked for it (lower is better; "
-                    "'original' is the unerased model).", lambda r: _percent(r.get("erased_accuracy"))),
-        per_concept("Locality", "Accuracy on the other values of the concept's attribute, e.g. the other shapes "
-                    "(higher is better).", lambda r: _percent(r.get("other_accuracy"))),
+        per_concept("Efficacy", "How often the judge (on the toy model, the toy classifier) sees the erased concept in images "
+                    "asked for it (lower is better; 'original' is the unerased model); (k/n): images judged to show it / images.",
+                    lambda r: _rate(r, "erased", r.get("erased_accuracy")), undrawn_warnings(results)),
+        per_concept("Locality", "Accuracy on the other values of the concept's attribute, e.g. the other shapes; on a real model, "
+                    "on the other concepts' prompts (higher is better).", lambda r: _rate(r, "other", r.get("other_accuracy"))),
     ]
     attacks = list(results.get("attacks", []))
     for concept in concepts:
@@ -93,14 +117,15 @@ def build_tables(results: dict) -> list[Table]:
             r = rows.get((m, concept))
             if r is None:
                 continue
-            cells = [_percent(r.get("held_out_accuracy"))]
+            cells = [_rate(r, "held_out", r.get("held_out_accuracy"))]
             for attack in attacks:
                 a = r.get("attacks", {}).get(attack)
                 if a is not None and a.get("error"):
                     notes.append(f"{attack} on {m}: not run ({a['error']})")
                     cells.append(f"n/a [{len(notes)}]")
                 else:
-                    cells.append("–" if a is None else _percent(a.get("success_rate")))
+                    cells.append("–" if a is None else _percent(a.get("success_rate")) + (
+                        f" ({round(a['success_rate'] * a['n'])}/{a['n']})" if a.get("n") and a.get("success_rate") is not None else ""))
             body.append([m, *cells])
         tables.append(Table(f"Robustness: {concept}", "Held-out paraphrases: how often the concept is drawn for prompts never "
                             "seen in training. Attacks: success rate (fraction of images where the judge sees the concept); "
@@ -224,10 +249,17 @@ def _timing_lines(results: dict) -> list[str]:
     return lines
 
 
+def _provenance(results: dict) -> dict:
+    """The protocol, the judge (real models), the seeds and the versions, as the report prints them."""
+    keys = ("protocol", "judge", "seeds", "versions") if results.get("judge") else ("protocol", "seeds", "versions")
+    return {k: results.get(k) for k in keys}
+
+
 def render_markdown(results: dict, tables: list[Table], plots: list[str], images) -> str:
     lines = [f"# {results.get('name', 'erasekit benchmark')}", "",
              f"Model: `{results.get('model')}`. Methods: {', '.join(results['methods'])}. "
              f"Concepts: {', '.join(c['name'] for c in results['concepts'])}. Attacks: {', '.join(results.get('attacks', [])) or 'none'}.", ""]
+    lines += [f"> **{warning}**\n" for warning in undrawn_warnings(results)]
     for table in tables:
         lines += [f"## {table.title}", "", table.caption, "", "| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
         lines += ["| " + " | ".join(row) + " |" for row in table.rows]
@@ -241,7 +273,7 @@ def render_markdown(results: dict, tables: list[Table], plots: list[str], images
         lines += [f"### {concept}", ""]
         lines += [f"{label}:\n\n![{label}]({path})\n" if path else f"{label}: (image missing)\n" for label, path in items]
     lines += ["## Protocol, seeds and versions", "", "```json",
-              json.dumps({k: results.get(k) for k in ("protocol", "seeds", "versions")}, indent=2), "```", ""]
+              json.dumps(_provenance(results), indent=2), "```", ""]
     timing = _timing_lines(results)
     if timing:
         lines += ["Time per stage: " + ", ".join(timing) + ".", ""]
@@ -264,6 +296,7 @@ figure.grid { max-width: 48%; }
 figure img { max-width: 100%; border: 1px solid #ddd; image-rendering: pixelated; }
 figcaption { font-size: .9em; color: #444; }
 ul.notes { font-size: .85em; color: #555; margin-top: -.4em; }
+p.warning { background: #fff3cd; border-left: 4px solid #d9822b; padding: .5em .8em; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: .85em; }
 """
 
@@ -276,6 +309,7 @@ def render_html(results: dict, tables: list[Table], plots: list[str], images) ->
              f"<p>Model: <code>{e(str(results.get('model')))}</code>. Methods: {e(', '.join(results['methods']))}. "
              f"Concepts: {e(', '.join(c['name'] for c in results['concepts']))}. "
              f"Attacks: {e(', '.join(results.get('attacks', [])) or 'none')}.</p>"]
+    parts += [f'<p class="warning" role="alert"><strong>{e(warning)}</strong></p>' for warning in undrawn_warnings(results)]
     for table in tables:
         slug = "table-" + "".join(ch if ch.isalnum() else "-" for ch in table.title.lower())
         parts += [f'<h2 id="{slug}">{e(table.title)}</h2>', f'<p class="caption">{e(table.caption)}</p>', f'<table aria-label="{e(table.title)}">',
@@ -298,7 +332,7 @@ def render_html(results: dict, tables: list[Table], plots: list[str], images) ->
             else:
                 parts.append(f"<p>{e(label)}: image missing</p>")
     parts += ["<h2>Protocol, seeds and versions</h2>",
-              f"<pre>{e(json.dumps({k: results.get(k) for k in ('protocol', 'seeds', 'versions')}, indent=2))}</pre>"]
+              f"<pre>{e(json.dumps(_provenance(results), indent=2))}</pre>"]
     timing = _timing_lines(results)
     if timing:
         parts.append(f"<p>Time per stage: {e(', '.join(timing))}.</p>")
