@@ -111,14 +111,29 @@ def test_token_utilities_on_tiny_sd(tiny_sd_folder):
     assert prefix.grad.abs().sum() > 0
 
 
-def test_sdxl_soft_tokens_are_refused_clearly(tiny_sdxl_folder):
+def test_token_attacks_on_two_encoders_need_a_shared_vocabulary(tiny_sdxl_folder):
+    """SDXL's tokenizers share one vocabulary (tests/test_attacks_sdxl.py runs every attack there); a model whose
+    tokenizers do not is refused with that reason."""
+    import dataclasses
+
     sdxl = erasekit.load_model(tiny_sdxl_folder)
-    template = attack_text.token_template(sdxl, "a red cat", prefix=1)
-    with pytest.raises(ErasekitError, match="SDXL"):
-        attack_text.encode_slots(sdxl, template, torch.zeros(1, 32))
-    hard = attack_text.token_template(sdxl, "a red cat")  # hard prompts work: same states as encode()
+    hard = attack_text.token_template(sdxl, "a red cat")  # hard prompts: same states as encode()
     torch.testing.assert_close(attack_text.encode_ids(sdxl, hard.input_ids, hard.attention_mask).hidden_states,
                                sdxl.encode(["a red cat"]).hidden_states)
+
+    class OtherVocabulary:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def get_vocab(self):
+            vocabulary = self.tokenizer.get_vocab()
+            return {token: len(vocabulary) - 1 - i for token, i in vocabulary.items()}
+
+    other = dataclasses.replace(sdxl, tokenizers=[sdxl.tokenizers[0], OtherVocabulary(sdxl.tokenizers[1])])
+    with pytest.raises(ErasekitError, match="another vocabulary"):
+        attack_text.token_template(other, "a red cat", prefix=1)
+    with pytest.raises(ErasekitError, match="another vocabulary"):
+        attack_text.TokenProjector(other)
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -14,6 +14,11 @@ gradient passed straight through (PEZ), so P* is always a real prompt.
 
 Defaults are the paper's: 3000 AdamW steps, lr 0.1, weight decay 0.1, and every 50 steps the
 current prompt is tried on the erased model and the attack stops once the judge sees the concept.
+
+On SDXL each learnable token has an embedding in both text encoders (768 and 1280 wide, started
+from the same random token); both are optimised, the loss reaching them through the token states
+and the pooled ``text_embeds``, and each slot is projected to one token id for both encoders
+(their vocabulary is shared), so P* is still one real prompt.
 """
 
 from __future__ import annotations
@@ -97,8 +102,8 @@ class P4DAttack(Attack):
             template = token_template(model, "", prefix=config.tokens)
         else:
             template = token_template(model, prompt, insert_every=config.insert_every)
-        embeddings = random_token_embeddings(model, len(template.slots), self.candidates, generator).requires_grad_(True)
-        optimizer = torch.optim.AdamW([embeddings], lr=config.learning_rate, weight_decay=config.weight_decay)
+        embeddings = [e.requires_grad_(True) for e in random_token_embeddings(model, len(template.slots), self.candidates, generator)]
+        optimizer = torch.optim.AdamW(embeddings, lr=config.learning_rate, weight_decay=config.weight_decay)
         losses, stopped_by, steps_run = [], None, 0
         for step in tqdm(range(config.steps), desc="p4d", disable=not run.progress, leave=False):
             picks = torch.randint(len(points), (config.batch,), generator=generator).tolist()
@@ -106,7 +111,7 @@ class P4DAttack(Attack):
             t = torch.tensor([points[k][1] for k in picks], device=x.device)
             target = torch.cat([points[k][2] for k in picks])
             used = self.projector.straight_through(embeddings)[0]
-            cond = encode_slots(model, template, used.to(model.dtype)).repeat(config.batch)
+            cond = encode_slots(model, template, [e.to(model.dtype) for e in used]).repeat(config.batch)
             loss = F.mse_loss(model.predict_noise(x, t, cond).float(), target.float())
             optimizer.zero_grad()
             loss.backward()

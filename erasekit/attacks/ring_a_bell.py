@@ -16,6 +16,11 @@ and the target for a prompt p is Ẽ = E(p) + η c.
 Pairs: ``pairs`` ([[with, without], ...]); by default on the toy model captions of the concept and
 the same captions with another shape (colour, style); elsewhere each attacked prompt and that
 prompt with the concept's words removed.
+
+On SDXL E(p) is the whole conditioning: the concatenated token states of both encoders and the
+pooled ``text_embeds``. The concept vector has both parts, η c is added to both, and the genetic
+fitness sums the squared distances of both (the searched tokens go through both encoders, one
+id per slot, as their vocabulary is shared).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tqdm.auto import tqdm
 from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig
 from erasekit.attacks.text import candidate_token_ids, encode_ids, template_text, token_template
 from erasekit.errors import ErasekitError
+from erasekit.models.handle import Conditioning
 
 
 @dataclass
@@ -97,29 +103,40 @@ class RingABellAttack(Attack):
             pairs = prompt_pairs(run.concept, run.prompts)
         if any(len(pair) != 2 for pair in pairs):
             raise ErasekitError("each Ring-A-Bell pair is [prompt with the concept, prompt without]; fix pairs")
-        positive = model.encode([p for p, _ in pairs]).hidden_states
-        negative = model.encode([n for _, n in pairs]).hidden_states
-        self.concept_vector = (positive - negative).mean(dim=0, keepdim=True)
+        positive = model.encode([p for p, _ in pairs])
+        negative = model.encode([n for _, n in pairs])
+        self.concept_vector = (positive.hidden_states - negative.hidden_states).mean(dim=0, keepdim=True)
+        self.pooled_vector = None  # SDXL: the concept vector's part in the pooled text embedding
+        if positive.added is not None and "text_embeds" in positive.added:
+            self.pooled_vector = (positive.added["text_embeds"] - negative.added["text_embeds"]).mean(dim=0, keepdim=True)
         self.candidates = candidate_token_ids(model)
         self.pairs = pairs
 
     @torch.no_grad()
-    def _fitness(self, model, template, population: torch.Tensor, target: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    def _fitness(self, model, template, population: torch.Tensor, target: Conditioning, chunk: int = 256) -> torch.Tensor:
+        """||E(tokens) - Ẽ||² for each candidate (on SDXL the token states' and the pooled embedding's parts summed)."""
         scores = []
         for start in range(0, len(population), chunk):
             ids = template.input_ids.unsqueeze(0).repeat(len(population[start : start + chunk]), 1)
             ids[:, template.slots] = population[start : start + chunk]
             mask = template.attention_mask.unsqueeze(0).repeat(len(ids), 1)
-            states = encode_ids(model, ids, mask).hidden_states.float()
-            scores.append((states - target.float()).square().sum(dim=(1, 2)).cpu())
+            encoded = encode_ids(model, ids, mask)
+            score = (encoded.hidden_states.float() - target.hidden_states.float()).square().sum(dim=(1, 2))
+            if self.pooled_vector is not None:
+                pooled = encoded.added["text_embeds"].float() - target.added["text_embeds"].float()
+                score = score + pooled.square().sum(dim=1)
+            scores.append(score.cpu())
         return torch.cat(scores)
 
     def attack_prompt(self, run, prompt: str, index: int) -> AdversarialPrompt:
         model, config = run.model, self.config
         cond = model.encode([prompt])
-        target = cond.hidden_states + config.eta * self.concept_vector.to(cond.hidden_states.dtype)
+        target = cond.with_hidden_states(cond.hidden_states + config.eta * self.concept_vector.to(cond.hidden_states.dtype))
+        if self.pooled_vector is not None:
+            pooled = cond.added["text_embeds"] + config.eta * self.pooled_vector.to(cond.added["text_embeds"].dtype)
+            target = Conditioning(target.hidden_states, {**cond.added, "text_embeds": pooled})
         if config.variant == "soft":
-            return AdversarialPrompt(cond.with_hidden_states(target), text=None, info={"variant": "soft", "eta": config.eta})
+            return AdversarialPrompt(target, text=None, info={"variant": "soft", "eta": config.eta})
 
         generator = run.generator(index)
         template = token_template(model, "", prefix=config.tokens)

@@ -16,6 +16,11 @@ uses the nearest vocabulary tokens and passes the gradient straight through to t
 embeddings (PEZ-style projection; the reference code relaxes one-hot vectors instead), and the
 result is a text prompt. ``variant="soft"`` (``soft-prompt``) keeps the optimised embeddings, an
 upper bound on any discrete prompt.
+
+On SDXL the prefix is optimised in both text encoders' input embeddings (k x 768 for
+``text_encoder``, k x 1280 for ``text_encoder_2``, started from the same random tokens), so the
+loss reaches the concatenated token states and the pooled ``text_embeds`` alike; the hard
+variant projects each slot to one token id for both encoders (their vocabulary is shared).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from tqdm.auto import tqdm
 from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, add_noise, denoising_target
 from erasekit.attacks.text import (
     TokenProjector, candidate_token_ids, encode_ids, encode_slots, random_token_embeddings, template_text,
-    token_template,
+    tensors_per_encoder, token_template,
 )
 from erasekit.errors import ErasekitError
 from erasekit.utils import sample_seed
@@ -63,7 +68,7 @@ class SoftPromptAttack(Attack):
         if self.config.tokens < 1 or self.config.steps < 1:
             raise ErasekitError("soft-prompt needs tokens >= 1 and steps >= 1")
         self.candidates = candidate_token_ids(run.model)
-        self.projector = TokenProjector(run.model, self.candidates)
+        self.projector = TokenProjector(run.model, self.candidates) if self.config.variant == "hard" else None
 
     def _conditioning(self, run, template, prefix):
         with torch.no_grad():
@@ -80,8 +85,8 @@ class SoftPromptAttack(Attack):
         with model.erasures_off():
             targets = run.generate(model.encode([prompt]), target_seeds, return_latents=True)
         template = token_template(model, prompt, prefix=config.tokens)
-        prefix = random_token_embeddings(model, config.tokens, self.candidates, generator).requires_grad_(True)
-        optimizer = torch.optim.AdamW([prefix], lr=config.learning_rate, weight_decay=config.weight_decay)
+        prefix = [e.requires_grad_(True) for e in random_token_embeddings(model, config.tokens, self.candidates, generator)]
+        optimizer = torch.optim.AdamW(prefix, lr=config.learning_rate, weight_decay=config.weight_decay)
         outer = min(config.timesteps, config.steps)
         inner = max(1, config.steps // outer)
         last = model.scheduler.config.num_train_timesteps - 1
@@ -94,7 +99,7 @@ class SoftPromptAttack(Attack):
                 t_batch = t.repeat(len(targets)).to(targets.device)
                 x_t = add_noise(model, targets, noise, t_batch)
                 used = prefix if config.variant == "soft" else self.projector.straight_through(prefix)[0]
-                cond = encode_slots(model, template, used.to(model.dtype)).repeat(len(targets))
+                cond = encode_slots(model, template, [e.to(model.dtype) for e in used]).repeat(len(targets))
                 loss = F.mse_loss(model.predict_noise(x_t, t_batch, cond).float(), denoising_target(model, targets, noise, t_batch).float())
                 optimizer.zero_grad()
                 loss.backward()
@@ -110,7 +115,7 @@ class SoftPromptAttack(Attack):
                 break
         bar.close()
         cond, text, ids = self._conditioning(run, template, prefix)
-        tensors = {"prefix_embeddings": prefix.detach().float(), "template_ids": template.input_ids}
+        tensors = {**tensors_per_encoder("prefix_embeddings", [e.detach().float() for e in prefix]), "template_ids": template.input_ids}
         if ids is not None:
             tensors["prefix_ids"] = ids
         info = {"variant": config.variant, "steps_run": steps_run, "stopped_by": stopped_by,

@@ -13,14 +13,21 @@ search, textual inversion's new token) works on the text encoder's **input** tok
 * :func:`project_to_tokens` maps embeddings to the nearest vocabulary tokens (L2), and
   :func:`encode_ids` encodes token ids (the projected, "hard" prompt) exactly.
 
-SDXL has two text encoders with different embedding sizes: :func:`encode_ids` supports it
-(hard prompts), slot embeddings and projection do not (a clear :class:`ErasekitError`).
+Models with several text encoders (SDXL: ``text_encoder`` and ``text_encoder_2``, embedding sizes
+768 and 1280) get one slot embedding per encoder: ``slot_embeddings`` is then a list with one
+(slots, dim_k) tensor per encoder, the hook is set on every encoder's input embedding, and the
+returned conditioning has both the concatenated token states and the pooled ``text_embeds`` of
+``text_encoder_2``, all differentiable. SDXL's two CLIP tokenizers share one vocabulary (same
+``vocab.json``; only the padding token differs), so a token id names the same word in both
+encoders: templates are laid out once, and projection picks one id per slot for both encoders
+(:func:`check_shared_vocabulary` refuses models where that does not hold).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
@@ -43,17 +50,48 @@ class TokenTemplate:
         return replace(self, input_ids=ids)
 
 
-def _require_single_encoder(model, what: str) -> None:
-    if model.kind == "sdxl":
-        raise ErasekitError(
-            f"{what} is not supported for SDXL (two text encoders with different embedding sizes); "
-            "use an SD 1.x/2.x or the toy model, or an attack that works on prompts or conditioning"
-        )
+def check_shared_vocabulary(model) -> None:
+    """Fail clearly unless every tokenizer of the model maps the same words to the same ids.
+
+    Token attacks write one id per slot into one template for all text encoders; SDXL's two CLIP
+    tokenizers share CLIP's vocabulary (only their padding tokens differ), so this holds there.
+    """
+    if len(model.tokenizers) < 2:
+        return
+    first = model.tokenizers[0].get_vocab()
+    for index, tokenizer in enumerate(model.tokenizers[1:], start=1):
+        if tokenizer.get_vocab() != first:
+            raise ErasekitError(
+                f"tokenizer {index} has another vocabulary than tokenizer 0, so one token id does not name the same word "
+                "in every text encoder; token attacks (soft-prompt, unlearndiff, p4d, ring-a-bell, textual-inversion) "
+                "need one shared vocabulary; use closed-form or paraphrase on this model"
+            )
 
 
 def input_embedding_matrix(model, encoder_index: int = 0) -> torch.Tensor:
     """The text encoder's input token-embedding matrix (vocabulary, dim); a view, not a copy."""
     return model.text_encoders[encoder_index].get_input_embeddings().weight
+
+
+def per_encoder(model, embeddings, what: str = "slot embeddings") -> list[torch.Tensor]:
+    """``embeddings`` as a list with one tensor per text encoder, checked against each encoder's embedding size.
+
+    A single tensor is accepted for single-encoder models (SD 1.x/2.x, the toy model).
+    """
+    items = [embeddings] if torch.is_tensor(embeddings) else list(embeddings)
+    dims = [input_embedding_matrix(model, k).shape[1] for k in range(len(model.text_encoders))]
+    if len(items) != len(dims) or any(item.shape[-1] != dim for item, dim in zip(items, dims)):
+        given = [tuple(item.shape) for item in items]
+        raise ErasekitError(
+            f"{what} of shapes {given} do not fit this model's {len(dims)} text encoder(s) of embedding sizes {dims}; "
+            "give one (..., dim) tensor per text encoder, in the order of model.text_encoders"
+        )
+    return items
+
+
+def tensors_per_encoder(name: str, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors to save, one per text encoder: ``name`` for the first, ``name_2`` for the second (diffusers' naming)."""
+    return {name if k == 0 else f"{name}_{k + 1}": tensor for k, tensor in enumerate(tensors)}
 
 
 def _special_ids(model) -> tuple[list[int], int, int]:
@@ -83,6 +121,7 @@ def token_template(
     ``insert_every`` of its tokens (P4D-K), and/or its last occurrence of ``replace_word`` replaced
     by one slot (textual inversion; a prefix slot when the word does not occur).
     """
+    check_shared_vocabulary(model)
     begin, end, pad = _special_ids(model)
     words = word_ids(model, prompt)
     placeholder = begin[0]  # any id works: the slot's embedding replaces it
@@ -173,18 +212,25 @@ def encode_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     raise ErasekitError(f"unknown model kind {model.kind!r}")
 
 
-def encode_slots(model, template: TokenTemplate, slot_embeddings: torch.Tensor) -> Conditioning:
+def encode_slots(model, template: TokenTemplate, slot_embeddings) -> Conditioning:
     """The conditioning of ``template`` with its slots' input embeddings set to ``slot_embeddings``.
 
-    ``slot_embeddings`` is (slots, dim) or (batch, slots, dim); gradients flow back to it.
+    ``slot_embeddings`` is (slots, dim) or (batch, slots, dim), or a list of those with one per text
+    encoder (SDXL: dims 768 and 1280); gradients flow back to every one of them, through the token
+    states and, on SDXL, through the pooled ``text_embeds`` of ``text_encoder_2``.
     """
-    _require_single_encoder(model, "encoding with learnable token embeddings")
-    if slot_embeddings.shape[-2] != len(template.slots):
-        raise ErasekitError(f"{slot_embeddings.shape[-2]} embeddings for {len(template.slots)} slots; give one per slot")
-    batch = slot_embeddings.shape[0] if slot_embeddings.ndim == 3 else 1
+    items = per_encoder(model, slot_embeddings)
+    for item in items:
+        if item.ndim not in (2, 3) or item.shape[-2] != len(template.slots):
+            raise ErasekitError(
+                f"embeddings of shape {tuple(item.shape)} for {len(template.slots)} slots; give (slots, dim) or (batch, slots, dim)"
+            )
+    batch = max(item.shape[0] if item.ndim == 3 else 1 for item in items)
     ids = template.input_ids.unsqueeze(0).repeat(batch, 1)
     mask = template.attention_mask.unsqueeze(0).repeat(batch, 1)
-    with replaced_input_embeddings(model.text_encoders[0], template.slots, slot_embeddings):
+    with ExitStack() as stack:
+        for encoder, item in zip(model.text_encoders, items):
+            stack.enter_context(replaced_input_embeddings(encoder, template.slots, item))
         return encode_ids(model, ids, mask)
 
 
@@ -194,7 +240,7 @@ def candidate_token_ids(model) -> torch.Tensor:
     special = set(tokenizer.all_special_ids)
     vocabulary = tokenizer.get_vocab()
     keep = [i for token, i in vocabulary.items() if i not in special and not token.startswith("[unused")]
-    size = input_embedding_matrix(model).shape[0]
+    size = min(input_embedding_matrix(model, k).shape[0] for k in range(len(model.text_encoders)))
     return torch.tensor(sorted(i for i in keep if i < size), dtype=torch.long)
 
 
@@ -203,30 +249,52 @@ class TokenProjector:
 
     ``||e - w||² = ||e||² - 2 e·w + ||w||²``: one matrix product per call, fast enough to run in
     every optimisation step (PEZ-style projected gradients).
+
+    With several text encoders (SDXL) a slot has one embedding per encoder and gets one id for all
+    of them (the vocabulary is shared): the id minimising ``Σ_k ||e_k - w_k||² / s_k²``, where ``s_k²``
+    is the mean squared row norm of encoder k's table relative to encoder 0's, so each encoder counts
+    alike whatever the scale of its table. Given a tensor it works on encoder 0 alone, as before;
+    given a list (one tensor per encoder) it works on all and ``straight_through`` returns a list.
     """
 
     def __init__(self, model, candidates: torch.Tensor | None = None):
-        _require_single_encoder(model, "projecting embeddings to tokens")
-        matrix = input_embedding_matrix(model).detach()
-        self.candidates = (candidate_token_ids(model) if candidates is None else candidates).to(matrix.device)
-        self.rows = matrix[self.candidates].float()
-        self.row_norms = self.rows.square().sum(dim=1)
-        self.matrix = matrix
+        check_shared_vocabulary(model)
+        self.matrices = [input_embedding_matrix(model, k).detach() for k in range(len(model.text_encoders))]
+        self.matrix = self.matrices[0]
+        self.candidates = (candidate_token_ids(model) if candidates is None else candidates).to(self.matrix.device)
+        self.rows = [matrix[self.candidates].float() for matrix in self.matrices]
+        self.row_norms = [rows.square().sum(dim=1) for rows in self.rows]
+        self.weights = [float(self.row_norms[0].mean() / norms.mean()) for norms in self.row_norms]  # 1.0 for encoder 0
 
-    def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
-        flat = embeddings.detach().reshape(-1, embeddings.shape[-1]).to(self.rows.device, torch.float32)
-        distances = self.row_norms.unsqueeze(0) - 2 * flat @ self.rows.T  # ||e||² is the same for every row
-        return self.candidates[distances.argmin(dim=1)].reshape(embeddings.shape[:-1])
+    def __call__(self, embeddings) -> torch.Tensor:
+        items = list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
+        if len(items) > len(self.rows):
+            raise ErasekitError(f"{len(items)} embedding tensors for {len(self.rows)} text encoders; give one per encoder")
+        distances = None
+        for item, rows, norms, weight in zip(items, self.rows, self.row_norms, self.weights):
+            flat = item.detach().reshape(-1, item.shape[-1]).to(rows.device, torch.float32)
+            part = norms.unsqueeze(0) - 2 * flat @ rows.T  # ||e||² is the same for every row
+            distances = part if distances is None else distances + weight * part
+        return self.candidates[distances.argmin(dim=1)].reshape(items[0].shape[:-1])
 
-    def straight_through(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """PEZ's projected forward pass: (the nearest tokens' embeddings, with the gradient passed to ``embeddings``; their ids)."""
+    def straight_through(self, embeddings):
+        """PEZ's projected forward pass: (the nearest tokens' embeddings, with the gradient passed to ``embeddings``; their ids).
+
+        ``embeddings`` is a tensor, or a list with one per text encoder (a list of projections comes back).
+        """
         ids = self(embeddings)
-        projected = self.matrix[ids].detach().to(embeddings.dtype)
-        return embeddings + (projected - embeddings).detach(), ids
+        if not isinstance(embeddings, (list, tuple)):
+            projected = self.matrix[ids].detach().to(embeddings.dtype)
+            return embeddings + (projected - embeddings).detach(), ids
+        passed = []
+        for item, matrix in zip(embeddings, self.matrices):
+            projected = matrix[ids].detach().to(item.dtype)
+            passed.append(item + (projected - item).detach())
+        return passed, ids
 
 
-def project_to_tokens(model, embeddings: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """The nearest (L2) vocabulary token of each embedding (..., dim) -> ids (...)."""
+def project_to_tokens(model, embeddings, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The nearest (L2) vocabulary token of each embedding (..., dim) -> ids (...); a list: one tensor per text encoder."""
     return TokenProjector(model, candidates)(embeddings)
 
 
@@ -243,7 +311,15 @@ def template_text(model, template: TokenTemplate) -> str:
     return ids_to_text(model, ids)
 
 
-def random_token_embeddings(model, count: int, candidates: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Input embeddings of ``count`` random candidate tokens (a start point for optimised tokens)."""
+def token_embeddings(model, ids) -> list[torch.Tensor]:
+    """Every text encoder's input embeddings of token ids: float copies (..., dim_k), one per encoder."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    matrices = [input_embedding_matrix(model, k) for k in range(len(model.text_encoders))]
+    return [matrix[ids.to(matrix.device)].detach().float().clone() for matrix in matrices]
+
+
+def random_token_embeddings(model, count: int, candidates: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    """Input embeddings of ``count`` random candidate tokens (a start point for optimised tokens):
+    one (count, dim_k) tensor per text encoder, all of the same tokens."""
     picks = candidates[torch.randint(len(candidates), (count,), generator=generator)]
-    return input_embedding_matrix(model)[picks].detach().float().clone()
+    return token_embeddings(model, picks)

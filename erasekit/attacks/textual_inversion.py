@@ -13,20 +13,29 @@ given with the concept's word replaced by v* (prefixed when the word does not oc
 are CCE's: 5000 steps, batch 4 x gradient accumulation 4, lr 5e-3, 25 images. Learning
 checkpoints into ``OUT/textual_inversion/`` (:mod:`erasekit.training`) every ``checkpoint_every``
 steps, and a rerun into the same folder continues from the newest checkpoint.
+
+On SDXL v* is one new token in both text encoders, as SDXL textual inversion does it: two
+embeddings, 768 wide for ``text_encoder`` and 1280 for ``text_encoder_2``, both started from the
+initializer's token and learned together (the loss reaches the second through the token states
+and the pooled ``text_embeds``). The file keeps them as ``clip_l`` and ``clip_g``, the key names of
+SDXL embedding files, so diffusers' ``load_textual_inversion`` takes each with its encoder; with
+one text encoder the key is ``embedding``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, add_noise, denoising_target
-from erasekit.attacks.text import encode_slots, input_embedding_matrix, token_template, word_ids
+from erasekit.attacks.text import check_shared_vocabulary, encode_slots, token_embeddings, token_template, word_ids
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import Conditioning
 from erasekit.training import (
@@ -54,6 +63,11 @@ class TextualInversionConfig(AttackConfig):
         "help": "Steps between checkpoints of v* in the output folder; a rerun continues from the newest.", "min": 1})
 
 
+def embedding_keys(model) -> list[str]:
+    """The names v* is saved under, one per text encoder: ``embedding``; on SDXL ``clip_l`` and ``clip_g``."""
+    return ["embedding"] if len(model.text_encoders) == 1 else ["clip_l", "clip_g"]
+
+
 class TextualInversionAttack(Attack):
     name = "textual-inversion"
     config_class = TextualInversionConfig
@@ -62,18 +76,24 @@ class TextualInversionAttack(Attack):
         config, model = self.config, run.model
         if config.steps < 0 or config.batch_size < 1 or config.gradient_accumulation < 1 or config.images < 1:
             raise ErasekitError("textual-inversion needs steps >= 0, batch_size >= 1, gradient_accumulation >= 1, images >= 1")
-        if model.kind == "sdxl":
-            raise ErasekitError("textual-inversion is not supported for SDXL yet (two text encoders); use closed-form, ring-a-bell or paraphrase")
+        check_shared_vocabulary(model)
         self.word = config.concept_word or run.concept
+        self.keys = embedding_keys(model)
         saved = run.artifact_path("textual_inversion.safetensors")
         if saved is not None and saved.is_file():
-            self.embedding = load_file(str(saved))["embedding"].to(model.device)
-            self.info = {"steps_run": None, "reused": str(saved.name)}
+            tensors = load_file(str(saved))
+            if set(self.keys) - set(tensors):
+                raise ErasekitError(f"{saved} holds {sorted(tensors)}, not v* for this model's text encoders ({self.keys}); "
+                                    "delete it or use another --out")
+            self.embeddings = [tensors[key].to(model.device) for key in self.keys]
+            with safe_open(str(saved), framework="pt") as f:  # how it was learned (older files: unknown)
+                learned = json.loads((f.metadata() or {}).get("info", "{}"))
+            self.info = {"steps_run": None, **learned, "reused": str(saved.name)}
             return
-        self.embedding, self.info = self._learn(run)
+        self.embeddings, self.info = self._learn(run)
         if saved is not None:
-            save_safetensors(saved, {"embedding": self.embedding.detach().float().cpu().contiguous()},
-                             metadata={"concept": run.concept, "word": self.word})
+            save_safetensors(saved, {key: e.detach().float().cpu().contiguous() for key, e in zip(self.keys, self.embeddings)},
+                             metadata={"concept": run.concept, "word": self.word, "info": json.dumps(self.info)})
 
     def _learn(self, run):
         config, model = self.config, run.model
@@ -91,8 +111,8 @@ class TextualInversionAttack(Attack):
                 latents.append(run.generate(model.encode([prompt]), [sample_seed(run.seed, 9_999, k)], return_latents=True))
         latents = torch.cat(latents)
         templates = [token_template(model, prompt, replace_word=self.word) for prompt in chosen]
-        embedding = input_embedding_matrix(model)[initial_ids[0]].detach().float().clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([embedding], lr=config.learning_rate, weight_decay=0.0)
+        embeddings = [e.requires_grad_(True) for e in token_embeddings(model, initial_ids[0])]  # one per text encoder
+        optimizer = torch.optim.AdamW(embeddings, lr=config.learning_rate, weight_decay=0.0)
         last = model.scheduler.config.num_train_timesteps
         losses, steps_run = [], 0
         checkpoints = None
@@ -106,7 +126,8 @@ class TextualInversionAttack(Attack):
             if saved is not None:
                 step, tensors, state = saved
                 with torch.no_grad():
-                    embedding.copy_(tensors["embedding"])
+                    for key, embedding in zip(self.keys, embeddings):
+                        embedding.copy_(tensors[key])
                 load_optimizer_state("adamw", optimizer, tensors, state["adamw"])
                 set_generator_state(generator, state["generator"])
                 losses, steps_run = list(state["losses"]), step
@@ -118,7 +139,8 @@ class TextualInversionAttack(Attack):
                 x0 = latents[picks]
                 noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
                 t = torch.randint(last, (len(picks),), generator=generator).to(x0.device)
-                cond = Conditioning.cat([encode_slots(model, templates[k], embedding.unsqueeze(0).to(model.dtype)) for k in picks])
+                slot = [e.unsqueeze(0).to(model.dtype) for e in embeddings]
+                cond = Conditioning.cat([encode_slots(model, templates[k], slot) for k in picks])
                 prediction = model.predict_noise(add_noise(model, x0, noise, t), t, cond)
                 loss = F.mse_loss(prediction.float(), denoising_target(model, x0, noise, t).float()) / config.gradient_accumulation
                 loss.backward()
@@ -128,20 +150,21 @@ class TextualInversionAttack(Attack):
             steps_run += 1
             if checkpoints is not None and steps_run % config.checkpoint_every == 0:
                 tensors, values = optimizer_state("adamw", optimizer)
-                checkpoints.save(steps_run, {"embedding": embedding, **tensors},
+                checkpoints.save(steps_run, {**dict(zip(self.keys, embeddings)), **tensors},
                                  {"adamw": values, "generator": generator_state(generator), "losses": losses})
             if run.out_of_time():
                 break
         info = {"steps_run": steps_run, "initializer": initializer, "images": len(latents),
                 "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
-        return embedding.detach(), info
+        return [e.detach() for e in embeddings], info
 
     def attack_prompt(self, run, prompt: str, index: int) -> AdversarialPrompt:
         model = run.model
         template = token_template(model, prompt, replace_word=self.word)
         with torch.no_grad():
-            cond = encode_slots(model, template, self.embedding.unsqueeze(0).to(model.dtype))
+            cond = encode_slots(model, template, [e.unsqueeze(0).to(model.dtype) for e in self.embeddings])
         pattern_text = prompt.replace(self.word, "<v*>") if self.word in prompt else f"<v*> {prompt}"
         # no text prompt: v* is an embedding, not a word of the vocabulary
-        return AdversarialPrompt(cond, text=None, tensors={"embedding": self.embedding.float(), "template_ids": template.input_ids},
+        tensors = {**{key: e.float() for key, e in zip(self.keys, self.embeddings)}, "template_ids": template.input_ids}
+        return AdversarialPrompt(cond, text=None, tensors=tensors,
                                  info={"word": self.word, "prompt_with_token": pattern_text, **self.info})
