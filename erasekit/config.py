@@ -24,6 +24,8 @@ from erasekit.errors import ErasekitError
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 NONE = ("none", "null")
+LARGEST_INT = 2**31 - 1  # the bound of a field without its own: larger is a typo, not a setting
+LARGEST_FLOAT = 1e12
 
 
 class _Bad(Exception):
@@ -194,6 +196,9 @@ def _problem(name: str, value, metadata: Mapping) -> str | None:
             return f"{name} must be greater than {metadata['gt']}"
         if "lt" in metadata and not value < metadata["lt"]:
             return f"{name} must be less than {metadata['lt']}"
+        limit = LARGEST_INT if isinstance(value, int) else LARGEST_FLOAT
+        if "max" not in metadata and "lt" not in metadata and abs(value) > limit:
+            return f"{name} = {value:g} is absurdly large (its size is at most {limit:,})"
     return None
 
 

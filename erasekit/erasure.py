@@ -38,6 +38,7 @@ from erasekit.modules import MODULE_ERASURES
 from erasekit.utils import save_safetensors
 
 FORMAT_VERSION = 1
+MAX_VALUE = 1e4  # no erasure changes a weight (or holds a module value) by more; larger values mean a damaged file
 _SIGNATURE_SAMPLES = 8
 _SIGNATURE_MAX_PARAMETERS = 64
 
@@ -76,6 +77,27 @@ def _signature_mismatch(expected: dict, actual: dict) -> str | None:
         if not torch.allclose(a, b, rtol=2e-2, atol=2e-3):
             return f"{name} holds other values"
     return None
+
+
+def _check_metadata(meta: dict) -> None:
+    """Raise TypeError/KeyError, naming the field, when the header's JSON does not have the shape :meth:`Erasure.save` writes."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise TypeError(what)
+
+    need(isinstance(meta.get("format", 1), int), "format is not a whole number")
+    need(isinstance(meta.get("method"), str) and bool(meta["method"]), "method is not a name")
+    need(isinstance(meta.get("concepts"), list) and all(isinstance(c, str) for c in meta["concepts"]), "concepts is not a list of text")
+    need(isinstance(meta.get("base_model"), str), "base_model is not text")
+    need(isinstance(meta.get("config"), dict), "config is not an object")
+    need(meta.get("module_type") is None or isinstance(meta["module_type"], str), "module_type is not text")
+    need(isinstance(meta.get("info") or {}, dict), "info is not an object")
+    signature = meta.get("base_signature") or {}
+    need(isinstance(signature, dict), "base_signature is not an object")
+    for name, entry in signature.items():
+        need(isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("values"), list)
+             and all(isinstance(v, (int, float)) for v in entry["values"]) and all(isinstance(d, int) for d in entry["shape"]),
+             f"base_signature[{name!r}] is not a shape and values")
 
 
 @dataclass
@@ -170,6 +192,7 @@ class Erasure:
                 raise TypeError("not an object")
             if meta.get("format", 0) > FORMAT_VERSION:
                 raise ErasekitError(f"{path} uses erasure format {meta['format']}; upgrade erasekit to read it")
+            _check_metadata(meta)
             erasure = cls(
                 method=str(meta["method"]), concepts=[str(c) for c in meta["concepts"]], base_model=str(meta["base_model"]),
                 config=dict(meta["config"]),
@@ -187,6 +210,13 @@ class Erasure:
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise ErasekitError(f"{path}: tensor {name} is not finite floating-point values; the file is damaged, "
                                     "make the erasure again")
+            if tensor.numel() and tensor.abs().max() > MAX_VALUE:
+                raise ErasekitError(f"{path}: tensor {name} holds values up to {tensor.abs().max():.3g}, far beyond any "
+                                    f"weight change an erasure makes (at most {MAX_VALUE:g}); the file is damaged, make the erasure again")
+        if not erasure.deltas and not erasure.modules:
+            raise ErasekitError(f"{path} holds no deltas and no modules, so it would change nothing; make the erasure again")
+        if erasure.modules and not isinstance(erasure.module_type, str):
+            raise ErasekitError(f"{path} holds modules but names no module_type; make the erasure again")
         return erasure
 
     # ------------------------------------------------------------ the model

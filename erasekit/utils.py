@@ -108,17 +108,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def check_writable(path: str | Path) -> None:
-    """One line, before any work, when ``path`` could not be written: its nearest existing folder is not
-    a writable folder (nothing is created here)."""
+def check_writable(path: str | Path, folder: bool = False, room: int = 0) -> None:
+    """One line, before any work, when ``path`` (a file, or with ``folder`` a folder) could not be written: its
+    nearest existing folder is not a writable folder, ``path`` is a file where a folder is wanted (or the other
+    way round), or the disk has less than ``room`` bytes free. Nothing is created here."""
     path = Path(path).absolute()
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise WriteError(f"cannot write {path}: {folder} is not a folder; choose another output location")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if path.exists() and path.is_dir() != folder:
+        wanted = "a folder" if folder else "a file"
+        raise WriteError(f"cannot write {path}: it exists and is not {wanted}; choose another output location")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WriteError(f"cannot write {path}: {parent} is not a folder; choose another output location")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise WriteError(f"cannot write {path}: permission denied; check the permissions or choose another output location")
+    free = shutil.disk_usage(parent).free
+    if free < room:
+        raise WriteError(f"cannot write {path}: {free / 2**20:,.1f} MiB free where about {room / 2**20:,.1f} MiB are needed; "
+                         "free space or choose another output location")
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -131,9 +139,14 @@ def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2))
 
 
-def save_png(path: str | Path, image: Image.Image) -> Path:
-    """Write a PIL image as PNG atomically."""
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+def save_png(path: str | Path, image: Image.Image, text: dict[str, str] | None = None) -> Path:
+    """Write a PIL image as PNG atomically; ``text`` goes into the file's text chunks (read back from ``Image.text``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

@@ -17,6 +17,12 @@ start and taken off at the end; where an attack needs the unerased model (target
 trajectories) it uses ``with run.model.erasures_off():``, which takes every applied erasure off.
 
 Success rate = images judged to show the concept / images generated (``n``).
+
+Under ``accelerate launch`` or ``torchrun`` (``erasekit.distributed``) the unfinished prompts are shared
+out by rank, each process on its own device; process 0 prepares first (the others then read what it
+saved), writes ``run.json``, and at the end merges every process's ``prompts/NNN.json`` into one
+``result.json``, the same (timings aside) as one process's with the same seed. Records are per prompt,
+so a rerun resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -27,18 +33,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from erasekit import distributed
 from erasekit.config import parse_values
 from erasekit.errors import ErasekitError
+from erasekit.eval.judges import Judge, NudeNetJudge, ToyJudge, judge_record, make_judge  # noqa: F401 (re-exported)
+from erasekit.eval.stats import rate_record
 from erasekit.models.handle import Conditioning
 from erasekit.utils import image_grid, sample_seed, save_png, save_safetensors, write_json, write_text
-
-Judge = Callable[[torch.Tensor, str], list]
 
 
 # ------------------------------------------------------------------------------------ config
@@ -78,55 +84,10 @@ def build_attack_config(config_class, budget: dict | None = None, defaults: dict
 
 
 # ------------------------------------------------------------------------------------ judges
-class ToyJudge:
-    """The toy classifier: an image succeeds when its predicted shape (or colour, or style) is the concept."""
-
-    def __init__(self, concept: str):
-        from erasekit.toy import world
-
-        self.attribute, self.value = world.parse_concept(concept)
-        self.classifier = None
-
-    def __call__(self, images: torch.Tensor, concept: str | None = None) -> list[bool]:
-        if self.classifier is None:
-            from erasekit.toy.classifier import load_classifier
-
-            self.classifier = load_classifier()
-        predicted = self.classifier.predict(images)[self.attribute]
-        return [p == self.value for p in predicted]
-
-
-class NudeNetJudge:
-    """NudeNet (the bundled 320n detector, :mod:`erasekit.eval.nudenet`): an image succeeds when any of the
-    named classes scores at or above the threshold (0.6 and the 9 EXPOSED classes, as MACE/RECE/CPE count)."""
-
-    def __init__(self, threshold: float = 0.6, classes=None):
-        self.threshold = threshold
-        self.classes = classes  # None: the 9 EXPOSED classes of MACE/RECE/CPE
-        self.detector = None
-
-    def __call__(self, images: torch.Tensor, concept: str | None = None) -> list[bool]:
-        if self.detector is None:
-            try:
-                from erasekit.eval.nudenet import NudeNetDetector
-            except ImportError as error:
-                raise ErasekitError("the NudeNet judge needs erasekit.eval.nudenet; update erasekit or pass judge=") from error
-            if self.classes is None:
-                self.detector = NudeNetDetector(threshold=self.threshold)
-            else:
-                self.detector = NudeNetDetector(threshold=self.threshold, classes=self.classes)
-        return [bool(v) for v in self.detector.is_nude(images)]
-
-
+# The judges live in erasekit.eval.judges (toy, nudenet, classifier:PATH, clip:PATH); re-exported here.
 def default_judge(model, concept: str) -> Judge:
-    if model.kind == "toy":
-        return ToyJudge(concept)
-    if concept.strip().lower() in ("nudity", "nude", "nudes", "naked"):
-        return NudeNetJudge()
-    raise ErasekitError(
-        f"no built-in judge for {concept!r} on this model; pass judge=callable(images, concept) -> list[bool] "
-        "(built in: the toy classifier on the toy model, NudeNet for 'nudity')"
-    )
+    """The toy classifier on the toy model, NudeNet for nudity; otherwise a one-line error naming --judge."""
+    return make_judge(None, model=model, concept=concept)
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -300,6 +261,17 @@ def _write_grid(records: list[dict], out: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ the loop
+def _read_record(path: Path) -> dict | None:
+    """A finished prompt's record, or None when it is missing or damaged (the prompt is attacked again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("successes"), list):
+        return None
+    return record
+
+
 def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: Judge | None = None, seed: int = 0,
             out=None, progress: bool = True, force: bool = False) -> dict:
     """Run ``attack`` over the prompts and return (and write to ``out/result.json``) the result."""
@@ -316,18 +288,26 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
         prompts = prompts[: config.prompts]
     for prompt in prompts:
         model.check_prompt_fits(prompt)
-    judge = judge if judge is not None else default_judge(model, concept)
+    if judge is None or isinstance(judge, str):  # None: the model's default; a string: a spec such as classifier:PATH
+        judge = make_judge(judge, model=model, concept=concept)
+    judge_info = judge_record(judge, concept)  # a built-in judge checks here that it knows the concept
     erasures = list(erasures or [])
 
     out = Path(out) if out is not None else None
     settings = {
         "attack": attack.name, "concept": concept, "budget": dataclasses.asdict(config), "seed": seed,
-        "model": model.name, "erasures": _describe_erasures(erasures), "prompts": prompts,
+        "model": model.name, "erasures": _describe_erasures(erasures), "prompts": prompts, "judge": judge_info,
     }
     if out is not None:
         run_file = out / "run.json"
         if run_file.is_file():
-            previous = json.loads(run_file.read_text())
+            try:
+                previous = json.loads(run_file.read_text())
+                if not isinstance(previous, dict):
+                    raise ValueError("not an object")
+            except (OSError, ValueError) as error:
+                raise ErasekitError(f"{run_file} is not a run record erasekit can read ({type(error).__name__}); "
+                                    "use another --out, or delete the folder to start over") from None
             previous.get("budget", {}).pop("time_s", None)  # a new wall-clock budget is fine for a resumed run
             comparable = {**settings, "budget": {k: v for k, v in settings["budget"].items() if k != "time_s"}}
             if previous != comparable:
@@ -336,11 +316,14 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
                     f"{out} holds a run with other settings ({', '.join(changed)} differ); "
                     "use another --out, or delete the folder to start over"
                 )
-        write_json(run_file, settings)
+    settings_kept = out is None  # run.json is written with the first result, so a run refused on the way leaves none
+    sharded = distributed.is_distributed()  # several processes: each attacks its share of the prompts, process 0 merges
+    if sharded and out is None:
+        raise ErasekitError("an attack under several processes shares its prompts through the output folder; pass out= (--out)")
 
     for erasure in erasures:
         erasure.check_base(model, force)
-    run = AttackRun(model, erasures, concept, judge, config, seed, out, prompts, progress)
+    run = AttackRun(model, erasures, concept, judge, config, seed, out, prompts, progress and distributed.is_main())
     records: list[dict] = []
     stopped = None
     applied_here = []  # the attacked erasures this run applied (the others were on already); off again at the end
@@ -352,13 +335,22 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
         todo = []
         for index, prompt in enumerate(prompts):
             record_path = out / "prompts" / f"{index:03d}.json" if out is not None else None
-            if record_path is not None and record_path.is_file():
-                records.append(json.loads(record_path.read_text()))
+            record = _read_record(record_path) if record_path is not None else None
+            if record is not None:
+                records.append(record)
             else:
                 todo.append((index, prompt))
+        if sharded:
+            distributed.start(model.device)
+            distributed.barrier()  # every process has read the finished records before any process writes one
         if todo:
-            attack.prepare(run)
-        bar = tqdm(todo, desc=f"attack {attack.name}", disable=not progress)
+            with distributed.main_first():  # process 0 prepares first (what it saves, e.g. a learned token, the others read)
+                attack.prepare(run)
+                if sharded and distributed.is_main():
+                    write_json(out / "run.json", settings)
+            settings_kept = settings_kept or sharded
+            todo = distributed.shard(todo)  # this process's share (all of it for one process)
+        bar = tqdm(todo, desc=f"attack {attack.name}", disable=not progress or not distributed.is_main())
         for index, prompt in bar:
             if run.out_of_time():
                 stopped = "time budget"
@@ -374,6 +366,9 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
                 "seeds": seeds, "successes": successes, "success_rate": sum(successes) / len(successes),
                 "seconds": round(time.perf_counter() - started, 2), "info": found.info,
             }
+            if not settings_kept:
+                write_json(out / "run.json", settings)
+                settings_kept = True
             if out is not None:
                 tensors = {"hidden_states": found.conditioning.hidden_states, "images": _images_to_uint8(images)}
                 for key, value in (found.conditioning.added or {}).items():
@@ -390,6 +385,14 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
         for erasure in reversed(applied_here):
             erasure.remove(model)
 
+    if sharded:  # process 0 merges every process's records, read back from out/prompts/
+        distributed.barrier()
+        records = [r for r in (_read_record(out / "prompts" / f"{i:03d}.json") for i in range(len(prompts))) if r is not None]
+        if stopped is None and len(records) < len(prompts):
+            stopped = "time budget"  # (another process ran out of time)
+        if not distributed.is_main():
+            distributed.barrier()  # process 0 writes result.json
+            return json.loads((out / "result.json").read_text())
     records.sort(key=lambda r: r["index"])
     all_successes = [s for r in records for s in r["successes"]]
     result = {
@@ -397,6 +400,8 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
         "concept": concept,
         "success_rate": (sum(all_successes) / len(all_successes)) if all_successes else 0.0,
         "n": len(all_successes),
+        "success_rate_ci95": rate_record(sum(all_successes), len(all_successes))["ci95"],
+        "judge": judge_info,
         "budget": dataclasses.asdict(config),
         "seed": seed,
         "model": model.name,
@@ -409,13 +414,17 @@ def execute(attack: Attack, model, erasures, concept: str, prompts=None, judge: 
         "per_prompt": records,
     }
     if out is not None:
+        if not settings_kept:
+            write_json(out / "run.json", settings)
         result["grid"] = _write_grid(records, out)
         texts = [r["adversarial_prompt"] for r in records if r.get("adversarial_prompt")]
         if texts:  # discrete attacks: a prompt file for `erasekit generate --prompts`
             write_text(out / "adversarial_prompts.txt", "".join(t.replace("\n", " ") + "\n" for t in texts))
             result["adversarial_prompts"] = "adversarial_prompts.txt"
         write_json(out / "result.json", result)
-    if progress:
+    if sharded:
+        distributed.barrier()  # result.json is written; the other processes return it too
+    if progress and distributed.is_main():
         where = f" ({out / 'result.json'})" if out is not None else ""
         print(f"{attack.name} on {concept!r}: success rate {result['success_rate']:.1%} of {result['n']} images{where}")
     return result

@@ -4,16 +4,20 @@ Images are written as ``OUT/{case:05d}_{k}.png`` (case: the prompt's index or th
 ``case_number``; k: the sample index), each to a temporary name and then renamed, so an
 interrupted run never leaves a half-written image.
 
-Beside the images, ``OUT/metadata.jsonl`` has one line per image (file, case, sample, prompt,
-seed, guidance, and ``key``: a digest of everything that determines the image — the model's
-weights, the applied erasures' contents and scales, prompt, seed, guidance, steps, scheduler,
-dtype, size); ``erasekit evaluate`` reads the prompts from it. A rerun skips an image only when
-its entry has the same key and the file is a readable image (an unreadable one is made again);
-a folder whose images were made with other settings is refused unless ``overwrite``.
+Each image carries its ``key`` in a PNG text chunk (``erasekit-key``): a digest of everything that
+determines it — the model's weights, the applied erasures' contents and scales, prompt, seed,
+guidance, steps, scheduler, dtype, size. Beside the images, ``OUT/metadata.jsonl`` has one line per
+image (file, case, sample, prompt, seed, guidance, key); ``erasekit evaluate`` reads the prompts
+from it. A rerun skips an image only when the file is a readable image holding the wanted key (an
+unreadable one is made again); a folder whose images were made with other settings is refused
+unless ``overwrite``.
 
-Under ``accelerate launch`` (or any launcher that sets ``RANK``/``WORLD_SIZE``), each
-process takes every WORLD_SIZE-th image, so no image is written twice; process 0 writes the
-metadata, and on GPUs each process uses the GPU of its ``LOCAL_RANK``.
+Several processes may share one ``OUT``: before making an image a process claims it (a hidden
+``.NAME.claim`` file created exclusively, naming host and process id) and leaves images claimed by
+another live process to it; a claim left by a process that died on this host is taken over.
+Under ``accelerate launch`` (or any launcher that sets ``RANK``/``WORLD_SIZE``), each process takes
+every WORLD_SIZE-th image; process 0 writes the metadata, and on GPUs each process uses the GPU
+of its ``LOCAL_RANK``.
 
 Prompt files: an I2P-style CSV (columns ``prompt`` and optionally ``evaluation_seed``/``sd_seed``/
 ``seed``, ``evaluation_guidance``/``sd_guidance_scale``/``guidance``, ``case_number``; other
@@ -25,14 +29,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from erasekit import distributed
+from erasekit.distributed import process_device, shard  # noqa: F401 (shard, process_device: re-exported)
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import to_pil
 from erasekit.utils import save_png, write_text
@@ -42,6 +51,8 @@ GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance")
 CASE_COLUMNS = ("case_number", "case", "index")
 METADATA_FILE = "metadata.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_PROMPT_FILE = 64 * 2**20
+MAX_PROMPT_CHARS = 10_000
 
 
 @dataclass(frozen=True)
@@ -77,15 +88,31 @@ def _read_rows(path: str) -> list[dict]:
         return [{"prompt": p.prompt} for p in PROMPT_SETS[name]()]
     file = Path(path)
     if not file.is_file():
-        raise ErasekitError(f"prompt file {file} does not exist")
+        raise ErasekitError(f"prompt file {file} does not exist; check the path")
+    if file.stat().st_size > MAX_PROMPT_FILE:
+        raise ErasekitError(f"prompt file {file} is over {MAX_PROMPT_FILE // 2**20} MiB; split it into smaller files")
+    try:
+        text = file.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark is not part of a name
+    except UnicodeDecodeError:
+        raise ErasekitError(f"prompt file {file} is not UTF-8 text; save it as UTF-8 (a CSV or one prompt a line)") from None
+    if "\x00" in text:
+        raise ErasekitError(f"prompt file {file} holds binary data; pass a UTF-8 CSV or text file")
     if file.suffix.lower() != ".csv":
-        return [{"prompt": line.strip()} for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    with file.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not part of a name
-        reader = csv.DictReader(f)
-        names = {name: name.strip().lower() for name in reader.fieldnames or []}
-        if "prompt" not in names.values():
-            raise ErasekitError(f"{file} has no 'prompt' column; the CSV needs prompt (and optionally seed/evaluation_seed, guidance/evaluation_guidance, case_number)")
-        return [{names[k]: (v or "").strip() for k, v in row.items() if k in names} for row in reader]
+        rows = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+    else:
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            names = {name: name.strip().lower() for name in reader.fieldnames or [] if name is not None}
+            if "prompt" not in names.values():
+                raise ErasekitError(f"{file} has no 'prompt' column; the CSV needs prompt (and optionally seed/evaluation_seed, guidance/evaluation_guidance, case_number)")
+            rows = [{names[k]: (v if isinstance(v, str) else "").strip() for k, v in row.items() if k in names} for row in reader]
+        except csv.Error as error:
+            raise ErasekitError(f"{file} is not a readable CSV ({error}); fix the file or pass one prompt a line") from None
+    for index, row in enumerate(rows):
+        if len(row.get("prompt", "")) > MAX_PROMPT_CHARS:
+            raise ErasekitError(f"{file}: prompt {index + 1} is {len(row['prompt']):,} characters long; a prompt is at most "
+                                f"{MAX_PROMPT_CHARS:,} (the text encoder reads far fewer): shorten it")
+    return rows
 
 
 def read_prompts(path: str | None = None, prompts: list[str] | None = None, seed: int = 0,
@@ -111,28 +138,17 @@ def read_prompts(path: str | None = None, prompts: list[str] | None = None, seed
             base = int(float(row_seed)) if row_seed is not None else seed * 100_003 + index
             row_guidance = float(row_guidance) if row_guidance is not None else guidance
         except ValueError as error:
-            raise ErasekitError(f"prompt row {index + 1}: a case, seed or guidance value is not a number ({error}); fix that cell") from error
+            raise ErasekitError(f"prompt row {index + 1}: a case, seed or guidance value is not a number ({error}); fix that cell") from None
+        if row_guidance is not None and not 0 <= row_guidance < 1e4:  # also nan and ±inf
+            raise ErasekitError(f"prompt row {index + 1}: guidance {row_guidance} is not a finite scale from 0 to 10,000; fix that cell")
+        if not 0 <= base < 2**31 or case < 0:
+            raise ErasekitError(f"prompt row {index + 1}: seed {base} or case {case} is out of range (seeds 0 to 2^31-1, cases ≥ 0); fix that cell")
         if case in cases:
             raise ErasekitError(f"prompt row {index + 1}: case number {case} appears twice, so two prompts would write one image; make case_number unique")
         cases.add(case)
         for k in range(samples_per_prompt):
             jobs.append(PromptJob(case, k, row["prompt"], base + k, row_guidance))
     return jobs
-
-
-def shard(jobs: list, rank: int | None = None, world_size: int | None = None) -> list:
-    """This process's share of the jobs (from RANK/WORLD_SIZE when not given)."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    return jobs[rank::world_size]
-
-
-def process_device(device: str | None) -> str | None:
-    """Under a multi-process launch, ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``)."""
-    local_rank = os.environ.get("LOCAL_RANK")
-    if device == "cuda" and local_rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return f"cuda:{int(local_rank)}"
-    return device
 
 
 def generation_settings(model, steps: int | None = None, scheduler: str | None = None) -> dict:
@@ -168,33 +184,82 @@ def write_metadata(jobs: list[PromptJob], out: str | Path, settings: dict | None
     return write_text(path, "".join(json.dumps(entries[name]) + "\n" for name in sorted(entries)))
 
 
-def _readable_image(path: Path) -> bool:
+KEY_TEXT = "erasekit-key"  # the PNG text chunk that holds an image's key
+
+
+def _image_key_in_file(path: Path) -> str | None:
+    """The key a readable image was made with ('' when it has none); None when the file is missing or unreadable."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()
-        return True
-    except Exception:  # any decoding failure: the file is made again
-        return False
+            return str(getattr(image, "text", {}).get(KEY_TEXT, ""))
+    except Exception:  # missing, truncated or not an image: it is made again
+        return None
 
 
 def check_folder(jobs: list[PromptJob], out: Path, settings: dict, overwrite: bool = False) -> None:
-    """Refuse (one line) a folder whose images were made with other settings; with ``overwrite``, forget them."""
-    if not (out / METADATA_FILE).is_file():
-        stray = [job.filename for job in jobs if (out / job.filename).exists()]
-        if stray and not overwrite:
-            raise ErasekitError(f"{out} holds {stray[0]} but no {METADATA_FILE}, so what made it is unknown; "
-                                "pass --overwrite or choose another --out")
+    """Refuse (one line) a folder that holds images of these names made with other settings (or by something else);
+    with ``overwrite`` they are made again."""
+    if overwrite or not out.is_dir():
         return
-    entries = {entry.get("file"): entry for entry in read_metadata(out)}
-    wanted = {job.filename: image_key(job, settings) for job in jobs}
-    other = [name for name, entry in entries.items() if name in wanted and entry.get("key") != wanted[name]]
-    if other and not overwrite:
+    listed = {entry.get("file"): entry.get("key") for entry in read_metadata(out)} if (out / METADATA_FILE).is_file() else {}
+    for job in jobs:
+        path = out / job.filename
+        if not path.exists():
+            continue
+        key = _image_key_in_file(path) or listed.get(job.filename)  # (older folders keep keys in the metadata only)
+        if key == image_key(job, settings) or (key is None and job.filename in listed):
+            continue  # done, or listed but unreadable: made again
+        if not key:
+            raise ErasekitError(f"{out} holds {job.filename}, which erasekit generate did not make (no key in it or in "
+                                f"{METADATA_FILE}), so what made it is unknown; pass --overwrite or choose another --out")
         raise ErasekitError(
-            f"{out} holds {len(other)} image(s) made with other settings (e.g. {other[0]}: another prompt, seed, guidance, "
-            "model, erasure, steps, scheduler, dtype or size); pass --overwrite to make them again, or choose another --out"
+            f"{out} holds image(s) made with other settings (e.g. {job.filename}: another prompt, seed, guidance, model, "
+            "erasure, steps, scheduler, dtype or size); pass --overwrite to make them again, or choose another --out"
         )
+
+
+def _claim(out: Path, job: PromptJob) -> Path | None:
+    """Claim one image for this process (a file created exclusively); None when another live process holds it."""
+    path = out / f".{job.filename}.claim"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _stale_claim(path):
+                return None
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return path
+    return None
+
+
+def _stale_claim(path: Path) -> bool:
+    """A claim whose process is gone: on this host and not running (or this very process), or empty for a minute."""
+    try:
+        text = path.read_text().split()
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return True
+    if len(text) != 2 or not text[1].isdigit():
+        return age > 60
+    host, pid = text[0], int(text[1])
+    if host != socket.gethostname():
+        return False  # another machine's process: it cannot be checked from here, so it is left to it
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def read_metadata(folder: str | Path) -> list[dict]:
@@ -203,9 +268,14 @@ def read_metadata(folder: str | Path) -> list[dict]:
     if not path.is_file():
         raise ErasekitError(f"{folder} has no {METADATA_FILE}, so its prompts are unknown; make the folder with erasekit generate")
     try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise ErasekitError(f"{path} is not valid JSON lines ({error}); regenerate it with erasekit generate") from error
+        entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ErasekitError(f"{path} is not valid JSON lines ({type(error).__name__}); make the folder again with erasekit generate --overwrite") from None
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not isinstance(entry.get("prompt"), str):
+            raise ErasekitError(f"{path} line {number} is not an image entry (an object with file and prompt); "
+                                "make the folder again with erasekit generate --overwrite")
+    return entries
 
 
 def load_image_folder(folder: str | Path) -> list[tuple[str, torch.Tensor]]:
@@ -221,8 +291,12 @@ def load_image_folder(folder: str | Path) -> list[tuple[str, torch.Tensor]]:
         raise ErasekitError(f"{folder} has no images (.png, .jpg, .webp); generate some with erasekit generate")
     images = []
     for file in files:
-        with Image.open(file) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        try:
+            with Image.open(file) as image:
+                array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        except Exception as error:  # truncated, not an image, unsupported mode: one line, not a trace
+            raise ErasekitError(f"{file} is not a readable image ({type(error).__name__}); remove it or make the folder "
+                                "again with erasekit generate --overwrite") from None
         images.append((file.name, torch.from_numpy(array).permute(2, 0, 1).contiguous()))
     return images
 
@@ -236,32 +310,47 @@ def generate_to_folder(model, jobs: list[PromptJob], out: str | Path, batch_size
     out = Path(out)
     settings = generation_settings(model, steps)
     check_folder(jobs, out, settings, overwrite)
-    done = {}
-    if (out / METADATA_FILE).is_file():
-        done = {entry.get("file"): entry.get("key") for entry in read_metadata(out)}
     out.mkdir(parents=True, exist_ok=True)
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    rank = distributed.rank() if rank is None else rank
     if rank == 0:
         write_metadata(jobs, out, settings)
-
-    def finished(job) -> bool:
-        path = out / job.filename
-        return done.get(job.filename) == image_key(job, settings) and path.exists() and _readable_image(path)
-
-    mine = [job for job in shard(jobs, rank, world_size) if not finished(job)]
-    written = 0
-    # batch jobs that share a guidance scale
+    keys = {job: image_key(job, settings) for job in jobs}
+    mine = [job for job in shard(jobs, rank, world_size) if _image_key_in_file(out / job.filename) != keys[job]]
+    # batch jobs that share a guidance scale; claim each batch just before making it
     groups: dict = {}
     for job in mine:
         groups.setdefault(job.guidance, []).append(job)
-    bar = tqdm(total=len(mine), desc="generate", disable=not progress)
+    with tqdm(total=len(mine), desc="generate", disable=not progress) as bar:  # (closed, so an error starts a line of its own)
+        written, elsewhere = _make(model, out, groups, keys, batch_size, steps, bar)
+    if elsewhere:
+        print(f"{elsewhere} image(s) were being made by another process and were left to it; rerun when it is done to check")
+    return written
+
+
+def _make(model, out: Path, groups: dict, keys: dict, batch_size: int, steps: int | None, bar) -> tuple[int, int]:
+    """Make the images of ``groups`` (jobs by guidance), claiming each batch first; (written, left to others)."""
+    written = elsewhere = 0
     for guidance, group in groups.items():
         for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            images = model.generate([j.prompt for j in batch], [j.seed for j in batch], guidance=guidance, num_inference_steps=steps)
-            for job, image in zip(batch, to_pil(images)):
-                save_png(out / job.filename, image)
-                written += 1
-            bar.update(len(batch))
-    bar.close()
-    return written
+            claims = {}
+            try:
+                for job in group[start : start + batch_size]:
+                    claim = _claim(out, job)
+                    if claim is None:
+                        elsewhere += 1
+                    elif _image_key_in_file(out / job.filename) == keys[job]:
+                        claim.unlink(missing_ok=True)  # another process made it (and let go of it) meanwhile
+                    else:
+                        claims[job] = claim
+                batch = list(claims)
+                if batch:
+                    images = model.generate([j.prompt for j in batch], [j.seed for j in batch], guidance=guidance,
+                                            num_inference_steps=steps)
+                    for job, image in zip(batch, to_pil(images)):
+                        save_png(out / job.filename, image, text={KEY_TEXT: keys[job]})
+                        written += 1
+            finally:
+                for claim in claims.values():
+                    claim.unlink(missing_ok=True)
+            bar.update(min(batch_size, len(group) - start))
+    return written, elsewhere

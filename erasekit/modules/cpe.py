@@ -91,6 +91,30 @@ def gate_outputs(states: torch.Tensor, query: torch.Tensor, scaler: torch.Tensor
     return g, mixed
 
 
+def _check_shapes(tensors: dict[str, torch.Tensor]) -> None:
+    """One line when a CPE erasure's tensors do not fit together: C concepts, query/key (C, d, r_g), scaler (C, d),
+    alpha (C,), and per projection down (C, d, r) and up (C, r, out)."""
+    def damaged(what: str) -> ErasekitError:
+        return ErasekitError(f"this CPE erasure's tensors do not fit together ({what}); the file is damaged, make the erasure again")
+
+    query, scaler, alpha = tensors.get("gate.query"), tensors.get("gate.scaler"), tensors.get("alpha")
+    if query is None or scaler is None or alpha is None or query.ndim != 3:
+        raise damaged("gate.query (C, d, r_g), gate.scaler and alpha are needed")
+    concepts, dim, _ = query.shape
+    if tuple(scaler.shape) != (concepts, dim) or tuple(alpha.shape) != (concepts,):
+        raise damaged(f"scaler {list(scaler.shape)} and alpha {list(alpha.shape)} for query {list(query.shape)}")
+    if "gate.key" in tensors and tensors["gate.key"].shape != query.shape:
+        raise damaged(f"gate.key {list(tensors['gate.key'].shape)} for query {list(query.shape)}")
+    downs = [k[: -len(".down")] for k in tensors if k.endswith(".down")]
+    if not downs:
+        raise damaged("no projection has gates")
+    for name in downs:
+        down, up = tensors[f"{name}.down"], tensors.get(f"{name}.up")
+        if (up is None or down.ndim != 3 or up.ndim != 3 or down.shape[:2] != (concepts, dim)
+                or up.shape[:2] != (concepts, down.shape[2])):
+            raise damaged(f"{name}: down {list(down.shape)}, up {None if up is None else list(up.shape)}")
+
+
 class _Attached:
     """One applied CPE erasure's tensors, on the model's device in float32, ready for routing."""
 
@@ -101,6 +125,7 @@ class _Attached:
     def to(self, device) -> None:
         """(Re)load the tensors onto ``device`` (the model may have moved since the erasure was applied)."""
         tensors = {k: v.to(device, torch.float32) for k, v in self.erasure.modules.items()}
+        _check_shapes(tensors)
         self.device = torch.device(device)
         self.query, self.scaler, self.key = tensors["gate.query"], tensors["gate.scaler"], tensors.get("gate.key")
         rank = next(v for k, v in tensors.items() if k.endswith(".down")).shape[-1]

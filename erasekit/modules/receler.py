@@ -47,15 +47,20 @@ def erasers_from_state(modules: dict[str, torch.Tensor]) -> dict[str, Eraser]:
     """The inverse of :func:`eraser_state`."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in modules.items():
+        if key.count(".") < 2:
+            raise ErasekitError(f"this Receler erasure holds a tensor {key!r} that is no eraser's; the erasure file is damaged")
         path, layer, kind = key.rsplit(".", 2)
         grouped.setdefault(path, {})[f"{layer}.{kind}"] = value
     erasers = {}
     for path, state in grouped.items():
-        if set(state) != {"down.weight", "down.bias", "up.weight", "up.bias"}:
+        if set(state) != {"down.weight", "down.bias", "up.weight", "up.bias"} or state["down.weight"].ndim != 2:
             raise ErasekitError(f"the Receler eraser for {path} is incomplete ({sorted(state)}); the erasure file is damaged")
         rank, dim = state["down.weight"].shape
         eraser = Eraser(dim, rank)
-        eraser.load_state_dict({k: v.float() for k, v in state.items()})
+        try:
+            eraser.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError:  # a tensor of the wrong shape
+            raise ErasekitError(f"the Receler eraser for {path} has tensors of mismatched shapes; the erasure file is damaged") from None
         erasers[path] = eraser.requires_grad_(False).eval()
     return erasers
 
