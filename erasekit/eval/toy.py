@@ -25,6 +25,7 @@ import torch
 from erasekit.errors import ErasekitError
 from erasekit.eval.fid import feature_statistics, frechet_distance
 from erasekit.eval.protocols import ToyProtocol, get_protocol
+from erasekit.eval.stats import rate_record
 from erasekit.toy import world
 from erasekit.toy.classifier import load_classifier
 from erasekit.toy.evaluate import ToyPrompt, generate_for_prompts, held_out_prompts, score, shape_prompts
@@ -105,20 +106,43 @@ def evaluate_toy_protocol(model, concepts: list[str], samples_per_prompt: int | 
     scored = score(prompts, images, prompt_of_image, classifier)
     per_prompt = scored["prompts"]
 
-    def accuracy(attribute: str, begin: int, end: int) -> float:
-        return float(np.mean([per_prompt[i]["accuracy"][attribute] for i in range(begin, end)]))
+    def hits(attributes, begin: int, end: int) -> tuple[int, int]:
+        """(images whose classified ``attributes`` match their prompt, images) over prompts begin..end."""
+        shown = n = 0
+        for i in range(begin, end):
+            entry = per_prompt[i]
+            for attribute in attributes:
+                n += len(entry["predicted"][attribute])
+                shown += sum(p == entry[attribute] for p in entry["predicted"][attribute])
+        return shown, n
 
-    erased, held_out, other_by_value = {}, {}, {}
+    erased, held_out, other_by_value, rates = {}, {}, {}, {"erased": {}, "held_out": {}, "other_by_value": {}}
+    other_counts, other_attribute_counts = {}, {}
     for kind, attribute, value, begin, end in groups:
         for i in range(begin, end):
             per_prompt[i]["group"] = kind
+        shown, n = hits([attribute], begin, end)
         if kind == "erased":
-            erased[value] = accuracy(attribute, begin, end)
+            erased[value], rates["erased"][value] = shown / n, rate_record(shown, n)
         elif kind == "held_out":
-            held_out[value] = accuracy(attribute, begin, end)
+            held_out[value], rates["held_out"][value] = shown / n, rate_record(shown, n)
         else:
-            other_by_value.setdefault(attribute, {})[value] = accuracy(attribute, begin, end)
+            other_by_value.setdefault(attribute, {})[value] = shown / n
+            rates["other_by_value"].setdefault(attribute, {})[value] = rate_record(shown, n)
+            total = other_counts.setdefault(attribute, [0, 0])
+            total[0], total[1] = total[0] + shown, total[1] + n
+        # the attributes not erased, on every image of the group: does erasing a colour hurt shapes?
+        kept = [a for a in world.ATTRIBUTES if a not in erased_values]
+        for a in kept:
+            shown_a, n_a = hits([a], begin, end)
+            total = other_attribute_counts.setdefault(a, [0, 0])
+            total[0], total[1] = total[0] + shown_a, total[1] + n_a
     other = {attribute: float(np.mean(list(values.values()))) for attribute, values in other_by_value.items()}
+    rates["other"] = {attribute: rate_record(*counts) for attribute, counts in other_counts.items()}
+    rates["other_attributes"] = {attribute: rate_record(*counts) for attribute, counts in other_attribute_counts.items()}
+    rates["erased_all"] = rate_record(*[sum(r[k] for r in rates["erased"].values()) for k in ("shown", "n")])
+    rates["held_out_all"] = rate_record(*[sum(r[k] for r in rates["held_out"].values()) for k in ("shown", "n")])
+    rates["other_all"] = rate_record(*[sum(c[i] for c in other_counts.values()) for i in (0, 1)])
 
     generated = classifier.features(images.float()).double().numpy()
     drawn = classifier.features(reference_images(prompts, prompt_of_image, protocol.reference_seed)).double().numpy()
@@ -140,17 +164,28 @@ def evaluate_toy_protocol(model, concepts: list[str], samples_per_prompt: int | 
         "held_out": held_out,
         "other": other,
         "other_by_value": other_by_value,
+        "other_attribute_accuracy": {a: r["rate"] for a, r in rates["other_attributes"].items()},
+        "rates": rates,
         "prompts": per_prompt,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
 
+def rate_text(record: dict) -> str:
+    """``"12% (3/25, 95% CI 4-30%)"``: a rate with its counts and Wilson interval."""
+    if not record or record.get("rate") is None:
+        return "n/a (0 images)"
+    low, high = record["ci95"]
+    return f"{record['rate']:.0%} ({record['shown']}/{record['n']}, 95% CI {low:.0%}-{high:.0%})"
+
+
 def toy_summary_lines(result: dict) -> list[str]:
     concepts = ", ".join(result["concepts"])
-    return [
-        f"protocol toy v{result['protocol']['version']}: {result['images']} images, concepts {concepts}",
-        "  erased concept still drawn: " + "  ".join(f"{k} {v:.0%}" for k, v in result["erased"].items()),
-        "  held-out paraphrases still drawn: " + "  ".join(f"{k} {v:.0%}" for k, v in result["held_out"].items()),
-        "  other values intact: " + "  ".join(f"{k} {v:.0%}" for k, v in result["other"].items()),
-        f"  toy FID: {result['toy_fid']:.2f}",
-    ]
+    rates = result.get("rates", {})
+    lines = [f"protocol toy v{result['protocol']['version']}: {result['images']} images, concepts {concepts}"]
+    lines += [f"  erased concept still drawn, {k}: {rate_text(r)}" for k, r in rates.get("erased", {}).items()]
+    lines += [f"  held-out paraphrases still drawn, {k}: {rate_text(r)}" for k, r in rates.get("held_out", {}).items()]
+    lines += [f"  other {k}s intact: {rate_text(r)}" for k, r in rates.get("other", {}).items()]
+    lines += [f"  {k} kept on every image: {rate_text(r)}" for k, r in rates.get("other_attributes", {}).items()]
+    lines.append(f"  toy FID: {result['toy_fid']:.2f}")
+    return lines

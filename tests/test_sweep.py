@@ -1,0 +1,53 @@
+"""benchmarks/sweep_toy.py on a tiny budget: counts and intervals in every cell, resume, and a folder of other
+settings refused; and the toy protocol's rates with their counts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import sweep_toy  # noqa: E402
+
+TINY = ["--methods", "uce", "--concepts", "red", "--samples", "1", "--prompts-per-concept", "3", "--prompts-per-other", "1",
+        "--held-out-per-word", "1"]
+
+
+def test_sweep_counts_resumes_and_refuses_other_settings(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sweep"
+    assert sweep_toy.main(TINY + ["--out", str(out)]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    cells = {(c["method"], c["concept"]): c for c in result["cells"]}
+    assert set(cells) == {("original", "red"), ("uce", "red")}
+    for cell in cells.values():
+        assert cell["erased"]["n"] == 3 and cell["other"]["n"] == 5  # 3 prompts naming red; 1 prompt for each other colour
+        low, high = cell["erased"]["ci95"]
+        assert low <= cell["erased"]["rate"] <= high
+        assert set(cell["other_attributes"]) == {"shape", "style"}
+    assert cells[("uce", "red")]["erased"]["shown"] < cells[("original", "red")]["erased"]["shown"]
+    summary = result["summary"]["uce"]
+    assert summary["concepts"] == 1 and summary["erased_mean"] == cells[("uce", "red")]["erased"]["rate"]
+    table = (out / "sweep.md").read_text()
+    assert "| uce |" in table and "/3)" in table
+
+    # a rerun reuses every cell
+    import erasekit
+
+    monkeypatch.setattr(erasekit, "erase", lambda *a, **k: pytest.fail("remade a finished cell"))
+    assert sweep_toy.main(TINY + ["--out", str(out)]) == 0
+    assert json.loads((out / "sweep.json").read_text())["cells"] == result["cells"]
+    # other settings into the same folder: refused, nothing changed
+    capsys.readouterr()
+    before = (out / "cells" / "uce-red.json").read_text()
+    assert sweep_toy.main(TINY + ["--out", str(out), "--seed", "5"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert (out / "cells" / "uce-red.json").read_text() == before
+
+
+def test_sweep_refuses_unknown_names_before_any_work(tmp_path, capsys):
+    assert sweep_toy.main(["--methods", "nope", "--out", str(tmp_path / "s")]) == 2
+    assert sweep_toy.main(["--concepts", "trianglee", "--out", str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()
