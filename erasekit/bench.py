@@ -44,6 +44,14 @@ The run writes into ``OUT``::
 Every unit of work (an erasure, an evaluation, an attack) is cached on disk with the settings it
 was computed with (for evaluations and attacks, also a hash of the erasure file): rerunning after
 an interruption skips finished units, and a unit whose settings changed is computed again.
+
+Under ``torchrun --nproc_per_node N -m erasekit.cli bench ...`` (or ``accelerate launch``;
+:mod:`erasekit.distributed`) the (method, concept) cells, the unerased "original" cells among them,
+are shared out by rank, each process on its own device: a process computes its cells whole (erasure,
+evaluation, grid, attacks, the attacks not split further) and writes their files as one process
+does, so no file is written by two. When every process is done, process 0 reads the cells back and
+writes ``results.json`` and the report, the same (timings aside) as one process's. Units are keyed by
+their settings, not by the process, so a rerun resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from erasekit import distributed
 from erasekit.config import check_config, parse_config
 from erasekit.errors import ErasekitError
 from erasekit.toy import world
@@ -474,24 +483,29 @@ def _versions() -> dict:
 
 
 class _Progress:
-    """Numbered stage lines: '[3/17] erase esd / triangle ...' then the time it took."""
+    """Numbered stage lines: '[3/17] erase esd / triangle ...' then the time it took ('rank 1/2 ' before them
+    under several processes)."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled, self.start = total, 0, enabled, time.perf_counter()
+    def __init__(self, total: int, enabled: bool, prefix: str = ""):
+        self.total, self.done, self.enabled, self.start, self.prefix = total, 0, enabled, time.perf_counter(), prefix
 
     def stage(self, text: str) -> None:
         self.done += 1
         if self.enabled:
             elapsed = time.perf_counter() - self.start
-            print(f"[{self.done}/{self.total} {elapsed:6.0f}s] {text}", flush=True)
+            print(f"{self.prefix}[{self.done}/{self.total} {elapsed:6.0f}s] {text}", flush=True)
 
     def note(self, text: str) -> None:
         if self.enabled:
-            print(f"    {text}", flush=True)
+            print(f"{self.prefix}    {text}", flush=True)
 
 
 def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = True) -> Path:
-    """Run the benchmark into ``out`` (resumable) and write the report; returns the path of index.html."""
+    """Run the benchmark into ``out`` (resumable) and write the report; returns the path of index.html.
+
+    Under several processes each computes its share of the cells and process 0 writes the report; every
+    process returns when it is written.
+    """
     from erasekit.erasure import Erasure
     from erasekit.eval.report import write_report
     from erasekit.models.loading import load_model
@@ -501,21 +515,35 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
-    plan = None if config.model == "toy" else config.model_plan()  # real models: kinds, judge, prompt lists
+    sharded, main = distributed.is_distributed(), distributed.is_main()
+    device = distributed.process_device(config.device)  # under torchrun / accelerate launch: this process's GPU
+    # real models: kinds, judge, prompt lists (the judge on this process's device)
+    plan = None if config.model == "toy" else plan_model_bench(dataclasses.replace(config, device=device))
     concepts = [toy_concept(c) for c in config.concepts] if plan is None else plan.concepts
     run_attack = _attack_runner()
-    attacked = (["original"] if config.attack_original else []) + list(config.methods)
-    n_stages = 1 + len(concepts) * (1 + 2 * len(config.methods)) + len(concepts) * len(attacked) * len(config.attacks) + 1
-    bar = _Progress(n_stages, progress)
+    cells = [(method, concept) for concept in concepts for method in ("original", *config.methods)]  # one row each
+    # this process's cells (all of them for one process); shared out with the methods' cells first, so the unerased
+    # model's cells (evaluations only, cheap) even out what is left
+    mine = distributed.shard(sorted(cells, key=lambda c: c[0] == "original") if sharded else cells)
+    attacks_per_cell = {method: len(config.attacks) if method != "original" or config.attack_original else 0
+                        for method in ("original", *config.methods)}
+    n_stages = 1 + sum((1 if method == "original" else 2) + attacks_per_cell[method] for method, _ in mine) + main
+    prefix = f"rank {distributed.rank()}/{distributed.world_size()} " if sharded else ""
+    bar = _Progress(n_stages, progress, prefix)
+    progress = progress and main  # the methods', evaluations' and attacks' own progress bars: process 0's only
     grid_seeds = list(range(config.grid_seeds))
 
     bar.stage(f"load the {config.model} model")
     clock = Stopwatch()
     torch.manual_seed(config.erase_seed)
-    model = load_model(config.model, device=config.device, dtype=config.dtype)
+    model = load_model(config.model, device=device, dtype=config.dtype)
     load_time = clock.read()
 
-    def evaluate_unit(key: str, concept: ToyConcept, erasure_id: str | None) -> dict:
+    def missing(path: Path):
+        return ErasekitError(f"{path} is missing or was made with other settings after every process finished its cells; "
+                             "rerun the benchmark to compute it")
+
+    def evaluate_unit(key: str, concept: ToyConcept, erasure_id: str | None, bar: _Progress, reading: bool) -> dict:
         path, image = out / "evaluations" / f"{key}.json", out / "images" / f"{key}.png"
         settings = {"erasure": erasure_id, "samples_per_prompt": config.samples_per_prompt, "seed": config.evaluate_seed,
                     "prompts_per_concept": config.prompts_per_concept, "prompts_per_other_value": config.prompts_per_other_value,
@@ -527,6 +555,9 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         if cached is not None and cached.get("settings") == settings and image.is_file():
             bar.note("cached")
             return cached
+        if reading:
+            raise missing(path)
+        torch.manual_seed(config.evaluate_seed)  # a unit's numbers do not depend on the units computed before it
         clock = Stopwatch()
         if plan is None:
             metrics = evaluate_concept(model, concept, config, progress=progress)
@@ -546,7 +577,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         bar.note(_metrics_line(record))
         return record
 
-    def erasure_unit(method: str, concept: ToyConcept) -> Erasure:
+    def erasure_unit(method: str, concept: ToyConcept, bar: _Progress, reading: bool) -> Erasure:
         path = out / "erasures" / f"{method}-{concept.name}.safetensors"
         settings = {"method": method, "concept": concept.erase_text, "preset": config.preset, "seed": config.erase_seed}
         if plan is not None:
@@ -556,6 +587,8 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
             if erasure.info.get("bench_settings") == settings:
                 bar.note(f"reusing {path}")
                 return erasure
+        if reading:
+            raise missing(path)
         torch.manual_seed(config.erase_seed)
         clock = Stopwatch()
         erasure = erase(model, method, [concept.erase_text], preset=config.preset, kind=None if plan is None else concept.attribute,
@@ -567,7 +600,8 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         bar.note(f"{erasure.info['seconds']:.1f}s, {erasure.num_parameters:,} trainable values")
         return erasure
 
-    def attack_unit(key: str, erasures: list, erasure_id: str | None, concept: ToyConcept, attack: str) -> dict:
+    def attack_unit(key: str, erasures: list, erasure_id: str | None, concept: ToyConcept, attack: str, bar: _Progress,
+                    reading: bool) -> dict:
         path, folder = out / "attacks" / key / f"{attack}.json", out / "attacks" / key / attack
         settings = {"erasure": erasure_id, "budget": config.attack_budgets.get(attack), "seed": config.attack_seed}
         if plan is not None:
@@ -576,10 +610,13 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         if cached is not None and cached.get("settings") == settings:
             bar.note("cached")
             return cached
+        if reading:
+            raise missing(path)
         marker = folder / "bench-settings.json"
         if folder.is_dir() and _read_json(marker) != settings:
             shutil.rmtree(folder)  # made with other settings: the attack's own resume must not pick it up
         write_json(marker, settings)
+        torch.manual_seed(config.attack_seed)
         clock = Stopwatch()
         try:
             real = {} if plan is None else {"prompts": plan.attack[concept.name], "judge": plan.judge}
@@ -599,31 +636,44 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         bar.note(f"success rate {_percent(record['success_rate'])}" if "error" not in record else f"not run: {record['error']}")
         return record
 
-    rows = []
-    for concept in concepts:
-        bar.stage(f"evaluate the unerased model on {concept.name!r}")
-        baseline = evaluate_unit(f"original-{concept.name}", concept, None)
-        attacks = {}
-        if config.attack_original:
-            for attack in config.attacks:
-                bar.stage(f"attack the unerased model on {concept.name!r} with {attack}")
-                attacks[attack] = attack_unit(f"original-{concept.name}", [], None, concept, attack)
-        rows.append(_row("original", concept, baseline, None, attacks))
-        for method in config.methods:
-            bar.stage(f"erase {concept.name!r} ({concept.erase_text!r}) with {method}")
-            erasure = erasure_unit(method, concept)
-            erasure_id = _file_digest(out / "erasures" / f"{method}-{concept.name}.safetensors")
-            bar.stage(f"evaluate {method} on {concept.name!r}")
-            erasure.apply(model)
-            try:
-                evaluation = evaluate_unit(f"{method}-{concept.name}", concept, erasure_id)
-            finally:
-                erasure.remove(model)
+    def cell(method: str, concept: ToyConcept, bar: _Progress, reading: bool = False) -> dict:
+        """One row: the unerased model's evaluation (and attacks), or a method's erasure, evaluation and attacks.
+        ``reading``: every unit from its files (a missing one is an error), nothing computed."""
+        key = f"{method}-{concept.name}"
+        if method == "original":
+            bar.stage(f"evaluate the unerased model on {concept.name!r}")
+            baseline = evaluate_unit(key, concept, None, bar, reading)
             attacks = {}
-            for attack in config.attacks:
-                bar.stage(f"attack {method} on {concept.name!r} with {attack}")
-                attacks[attack] = attack_unit(f"{method}-{concept.name}", [erasure], erasure_id, concept, attack)
-            rows.append(_row(method, concept, evaluation, erasure, attacks))
+            for attack in config.attacks if config.attack_original else []:
+                bar.stage(f"attack the unerased model on {concept.name!r} with {attack}")
+                attacks[attack] = attack_unit(key, [], None, concept, attack, bar, reading)
+            return _row("original", concept, baseline, None, attacks)
+        bar.stage(f"erase {concept.name!r} ({concept.erase_text!r}) with {method}")
+        erasure = erasure_unit(method, concept, bar, reading)
+        erasure_id = _file_digest(out / "erasures" / f"{key}.safetensors")
+        bar.stage(f"evaluate {method} on {concept.name!r}")
+        erasure.apply(model)
+        try:
+            evaluation = evaluate_unit(key, concept, erasure_id, bar, reading)
+        finally:
+            erasure.remove(model)
+        attacks = {}
+        for attack in config.attacks:
+            bar.stage(f"attack {method} on {concept.name!r} with {attack}")
+            attacks[attack] = attack_unit(key, [erasure], erasure_id, concept, attack, bar, reading)
+        return _row(method, concept, evaluation, erasure, attacks)
+
+    if sharded:
+        distributed.start(device)
+    # this process's cells; an erasure or attack inside one runs as one process would (its work is not split further)
+    with distributed.alone():
+        rows = [cell(method, concept, bar) for method, concept in mine]
+    if sharded:
+        distributed.barrier()  # every cell's files are written
+        if not main:
+            distributed.barrier()  # process 0 writes the report
+            return out / "index.html"
+        rows = [cell(method, concept, _Progress(0, False), reading=True) for method, concept in cells]
 
     bar.stage("write the report")
     results = {
@@ -651,6 +701,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
         t = results["timings"]
         print(f"done: {t['this_run_seconds']:.0f}s in this run; every stage as first measured: "
               f"{t['seconds']['total']:.0f}s wall, {t['cpu_seconds']['total']:.0f}s CPU")
+    distributed.barrier()  # (several processes) the others return now
     return index
 
 

@@ -288,16 +288,20 @@ def cmd_export(args) -> None:
 
 def cmd_bench(args) -> None:
     from erasekit.bench import load_bench_config, run_bench
+    from erasekit.distributed import is_main
     from erasekit.eval.report import write_report
 
     if args.report_only:
-        print(f"report: {write_report(args.out).resolve()}")
+        if is_main():  # several processes: one writes
+            print(f"report: {write_report(args.out).resolve()}")
         return
     config = load_bench_config(args.config, quick=args.quick)
     if args.judge:  # replaces the config's judge
         config.judge = args.judge
         config.validate()
-    index = run_bench(config, args.out)
+    index = run_bench(config, args.out)  # under torchrun / accelerate launch: each process its share of the cells
+    if not is_main():  # several processes: process 0 wrote the report
+        return
     print(f"report: {index.resolve()}\n        {(index.parent / 'report.md').resolve()}")
 
 

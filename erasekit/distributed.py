@@ -29,14 +29,21 @@ TIMEOUT = datetime.timedelta(hours=12)  # how long a process waits at a barrier 
 _state: dict = {}  # "partial": accelerate's PartialState, "barrier_group": the gloo group barriers run on
 
 
+def _launch() -> tuple[int, int]:
+    """(rank, world size) as the launcher set them; (0, 1) inside :func:`alone`."""
+    if _state.get("alone"):
+        return 0, 1
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def rank() -> int:
     """This process's index among all processes (0 when there is one)."""
-    return int(os.environ.get("RANK", 0))
+    return _launch()[0]
 
 
 def world_size() -> int:
     """How many processes run the job (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return _launch()[1]
 
 
 def local_rank() -> int:
@@ -55,14 +62,14 @@ def is_main() -> bool:
 
 def shard(items: list, rank: int | None = None, world_size: int | None = None) -> list:
     """This process's share of ``items``: every ``world_size``-th one from ``rank`` (from the environment when not given)."""
-    index = int(os.environ.get("RANK", 0)) if rank is None else rank
-    count = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    index = _launch()[0] if rank is None else rank
+    count = _launch()[1] if world_size is None else world_size
     return items[index::count]
 
 
 def process_device(device: str | None) -> str | None:
-    """Under a multi-process launch, ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``)."""
-    if device == "cuda" and "LOCAL_RANK" in os.environ and is_distributed():
+    """Under a multi-process launch, ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``; inside :func:`alone` too)."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return f"cuda:{local_rank()}"
     return device
 
@@ -98,6 +105,22 @@ def barrier() -> None:
         group = torch.distributed.group.WORLD if backend == "gloo" else torch.distributed.new_group(backend="gloo", timeout=TIMEOUT)
         _state["barrier_group"] = group
     torch.distributed.barrier(group=group)
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside the block this process works by itself, as process 0 of 1: what it runs shares nothing out and waits for no one.
+
+    For work already divided by whole units (the bench gives each process its own cells): an attack or
+    an erasure run inside computes all of itself here, as one process would. ``local_rank`` (the GPU)
+    is unchanged. Blocks nest.
+    """
+    outer = _state.get("alone", False)
+    _state["alone"] = True
+    try:
+        yield
+    finally:
+        _state["alone"] = outer
 
 
 @contextlib.contextmanager
