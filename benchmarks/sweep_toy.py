@@ -164,7 +164,7 @@ def markdown(cells: dict, summary: dict, methods: list[str], concepts: list[str]
               "| method | erased mean | erased worst | others' drop mean | others' drop worst | other attributes' worst drop | s per erasure | meets all |",
               "|---|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
-        lines.append(f"| {method} | {s['erased_mean']:.1%} | {s['erased_worst']:.1%} ({s['erased_worst_concept']}) | "
+        lines.append(f"| {method} ({s['concepts']} of {len(concepts)} concepts) | {s['erased_mean']:.1%} | {s['erased_worst']:.1%} ({s['erased_worst_concept']}) | "
                      f"{s['other_drop_mean']:+.1%} | {s['other_drop_worst']:+.1%} ({s['other_drop_worst_concept']}) | "
                      f"{s['other_attributes_drop_worst']:+.1%} | {s['seconds_mean']:.0f} | "
                      f"{'yes' if all(s['meets'].values()) else 'no: ' + ', '.join(k for k, v in s['meets'].items() if not v)} |")
