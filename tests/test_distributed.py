@@ -14,6 +14,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,12 +51,20 @@ def cli(args: list[str], cwd, processes: int = 1) -> str:
     """Run ``erasekit ARGS`` in 1 process or under torchrun with ``processes``; returns stdout (fails on a non-zero exit)."""
     if processes == 1:
         command = [sys.executable, "-m", "erasekit.cli", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erasekit.cli", *args]
+    else:  # each process's stdout to a file of its own (one pipe would interleave their lines), read back in rank order
+        logs = Path(tempfile.mkdtemp(dir=cwd, prefix=".torchrun-logs-"))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--log-dir", str(logs),
+                   "--redirects", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erasekit.cli", *args]
     done = subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    if processes == 1:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+    files = sorted(logs.rglob("stdout.log"), key=lambda f: int(f.parent.name))
+    stdout = "".join(f.read_text() for f in files)
+    shutil.rmtree(logs, ignore_errors=True)
+    assert done.returncode == 0, stdout[-3000:] + done.stdout[-2000:] + done.stderr[-3000:]
+    assert len(files) == processes, files
+    return stdout
 
 
 def sets(settings: dict) -> list[str]:
