@@ -193,23 +193,27 @@ def _image_key_in_file(path: Path) -> str | None:
 
     try:
         with Image.open(path) as image:
-            image.load()
-            return str(getattr(image, "text", {}).get(KEY_TEXT, ""))
+            key = str(image.info.get(KEY_TEXT, ""))  # (written before the pixels, so read without decoding them)
+            image.verify()  # every chunk there, with its checksum
+        return key
     except Exception:  # missing, truncated or not an image: it is made again
         return None
 
 
-def check_folder(jobs: list[PromptJob], out: Path, settings: dict, overwrite: bool = False) -> None:
-    """Refuse (one line) a folder that holds images of these names made with other settings (or by something else);
-    with ``overwrite`` they are made again."""
-    if overwrite or not out.is_dir():
-        return
-    listed = {entry.get("file"): entry.get("key") for entry in read_metadata(out)} if (out / METADATA_FILE).is_file() else {}
-    for job in jobs:
+def check_folder(jobs: list[PromptJob], out: Path, settings: dict, overwrite: bool = False) -> dict[str, str | None]:
+    """The key of each job's image already in ``out`` (None: none there, or unreadable). Refuses (one line) a folder
+    that holds images of these names made with other settings (or by something else), unless ``overwrite``."""
+    if not out.is_dir():
+        return {job.filename: None for job in jobs}
+    found = {job.filename: _image_key_in_file(out / job.filename) for job in jobs}
+    listed = {}
+    if not overwrite and (out / METADATA_FILE).is_file():
+        listed = {entry.get("file"): entry.get("key") for entry in read_metadata(out)}
+    for job in jobs if not overwrite else []:
         path = out / job.filename
         if not path.exists():
             continue
-        key = _image_key_in_file(path) or listed.get(job.filename)  # (older folders keep keys in the metadata only)
+        key = found[job.filename] or listed.get(job.filename)  # (older folders keep keys in the metadata only)
         if key == image_key(job, settings) or (key is None and job.filename in listed):
             continue  # done, or listed but unreadable: made again
         if not key:
@@ -219,6 +223,7 @@ def check_folder(jobs: list[PromptJob], out: Path, settings: dict, overwrite: bo
             f"{out} holds image(s) made with other settings (e.g. {job.filename}: another prompt, seed, guidance, model, "
             "erasure, steps, scheduler, dtype or size); pass --overwrite to make them again, or choose another --out"
         )
+    return found
 
 
 def _claim(out: Path, job: PromptJob) -> Path | None:
@@ -309,13 +314,13 @@ def generate_to_folder(model, jobs: list[PromptJob], out: str | Path, batch_size
     were written. A folder holding images of other settings is refused unless ``overwrite``."""
     out = Path(out)
     settings = generation_settings(model, steps)
-    check_folder(jobs, out, settings, overwrite)
+    found = check_folder(jobs, out, settings, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     rank = distributed.rank() if rank is None else rank
     if rank == 0:
         write_metadata(jobs, out, settings)
     keys = {job: image_key(job, settings) for job in jobs}
-    mine = [job for job in shard(jobs, rank, world_size) if _image_key_in_file(out / job.filename) != keys[job]]
+    mine = [job for job in shard(jobs, rank, world_size) if found[job.filename] != keys[job]]
     # batch jobs that share a guidance scale; claim each batch just before making it
     groups: dict = {}
     for job in mine:
