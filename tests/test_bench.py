@@ -13,6 +13,7 @@ from PIL import Image
 import erasekit.attacks
 import erasekit.bench
 import erasekit.resolve
+from conftest import cli_error
 from erasekit.bench import DEFAULT_CONFIG, DEMO_CONFIG, BenchConfig, load_bench_config, run_bench, toy_concept
 from erasekit.cli import main
 from erasekit.errors import ErasekitError
@@ -52,6 +53,14 @@ def test_toy_concepts():
         toy_concept("banana")
 
 
+def _refused_in_one_line(path, out, message, capsys) -> None:
+    """The bench config at ``path`` is refused with ``message``: in Python, and on the CLI in one line before ``out`` exists."""
+    with pytest.raises(ErasekitError, match=message):
+        load_bench_config(path)
+    cli_error(capsys, ["bench", "--config", str(path), "--out", str(out)])
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("text, message", [
     ("methods = ['uce']\nconcepts = ['triangle']\nsampels_per_prompt = 1\n", "unknown key.*sampels_per_prompt"),
     ("methods = ['uce']\nconcepts = ['triangle']\nsamples_per_prompt = 'two'\n", "samples_per_prompt.*int"),
@@ -65,12 +74,7 @@ def test_toy_concepts():
 def test_bad_config_is_one_line_error(tmp_path, capsys, text, message):
     path = tmp_path / "bench.toml"
     path.write_text(text)
-    with pytest.raises(ErasekitError, match=message):
-        load_bench_config(path)
-    assert main(["bench", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("erasekit: error: ")
-    assert not (tmp_path / "out").exists()
+    _refused_in_one_line(path, tmp_path / "out", message, capsys)
 
 
 def test_missing_config_and_results(tmp_path, capsys):
@@ -421,12 +425,7 @@ def test_real_bench_config_errors_are_one_line_before_any_work(tmp_path, tiny_sd
 
     path.write_text("\n".join([f"{key} = {value(v)}" for key, v in extra.items()] + kept) + "\n")
     (tmp_path / "prompts" / "other.txt").write_text("a church at dusk\na red bus\n")
-    with pytest.raises(ErasekitError, match=message):
-        load_bench_config(path)
-    assert main(["bench", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("erasekit: error: ")
-    assert not (tmp_path / "out").exists()
+    _refused_in_one_line(path, tmp_path / "out", message, capsys)
 
 
 def test_real_model_keys_are_refused_on_the_toy_model(tmp_path):
