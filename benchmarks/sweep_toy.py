@@ -17,7 +17,7 @@ noise for the unerased model and every erasure):
 
 Every rate is kept with its image count and 95% Wilson interval. Each cell is one JSON file in
 ``OUT/cells/``, keyed on everything that determines it (method, config, concept, evaluation
-settings, model weights, erasekit version): a rerun skips finished cells and refuses a folder whose
+settings, the resolver's targets, model weights, erasekit version): a rerun skips finished cells and refuses a folder whose
 cells were made with other settings. ``OUT/sweep.json`` and ``OUT/sweep.md`` hold the tables and,
 per method, the summary the toy presets are held to: erased ≤ 10% on average and ≤ 20% on the worst
 concept; the other values within 5 points of the unerased model on average and 10 on the worst;
@@ -47,6 +47,7 @@ from erasekit.eval.stats import rate_record
 from erasekit.eval.toy import evaluate_toy_protocol
 from erasekit.methods import METHODS, build_config
 from erasekit.toy import world
+from erasekit.toy.targets import resolve_toy_targets
 from erasekit.training import weights_digest
 from erasekit.utils import write_json, write_text
 
@@ -61,7 +62,11 @@ def protocol_for(args):
 
 
 def cell_key(method: str, config: dict | None, concept: str, protocol, weights: str) -> str:
-    text = json.dumps([method, config, concept, asdict(protocol), weights, erasekit.__version__], sort_keys=True, default=str)
+    """Everything a cell depends on, the resolver's targets (prompts, guides, kept captions) included."""
+    parts = [method, config, concept, asdict(protocol), weights, erasekit.__version__]
+    if config is not None:  # the unerased model's cells do not depend on the targets
+        parts.append([asdict(t) for t in resolve_toy_targets([concept])])
+    text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -45,6 +45,12 @@ def test_sweep_counts_resumes_and_refuses_other_settings(tmp_path, capsys, monke
     assert sweep_toy.main(TINY + ["--out", str(out), "--seed", "5"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert (out / "cells" / "uce-red.json").read_text() == before
+    # so is a cell whose concept the resolver now resolves otherwise (another guide), but not the unerased model's
+    from erasekit.toy import targets
+
+    monkeypatch.setattr(targets, "sibling", lambda attribute, value, kept: kept[-1])
+    assert sweep_toy.main(TINY + ["--out", str(out)]) == 2
+    assert "uce-red.json was made with other settings" in capsys.readouterr().err
 
 
 def test_sweep_refuses_unknown_names_before_any_work(tmp_path, capsys):

@@ -164,24 +164,25 @@ def test_toy_targets_erase_every_caption_naming_the_concept_and_keep_its_sibling
     assert not any("triangle" in p or "three-sided" in p for p in preserved)
     for shape in ("circle", "square", "star", "cross", "heart"):
         assert all(p in preserved for p in world.training_captions("shape", shape))
-    # a blank guide: the same caption with a generic shape, the five kept shapes in the triangle's place
+    # a blank guide: the same caption with the sibling shape (the kept one before it, cyclic) in the triangle's place
     guides = dict(pairs)
-    assert guides["a red triangle on a striped background"] == tuple(
-        f"a red {shape} on a striped background" for shape in ("circle", "square", "star", "cross", "heart"))
-    assert guides["triangle"] == ("circle", "square", "star", "cross", "heart")
-    assert all(p in preserved for guide in guides.values() for p in guide)  # every generic guide's captions are kept
-    # a named guide fills the caption; two erased shapes are not preserved for each other, nor in a generic guide
+    assert guides["a red triangle on a striped background"] == "a red square on a striped background"
+    assert guides["triangle"] == "square"
+    assert all(g in preserved for g in guides.values())  # every guide is a kept caption
+    assert dict(caption_pairs(["circle"], "")[0])["circle"] == "heart"  # cyclic
+    # a named guide fills the caption; two erased shapes are not preserved for each other, nor a guide
     pairs, preserved = caption_pairs(["triangle", "square"], "shape")
     assert ("a red triangle on a striped background", "a red shape on a striped background") in pairs
     assert not any("square" in p or "box" in p for p in preserved)
-    assert dict(caption_pairs(["triangle", "square"], "")[0])["a red triangle"] == (
-        "a red circle", "a red star", "a red cross", "a red heart")
-    # colours: whole words only ("red" is not replaced inside "checkered"); a generic colour keeps the shape
+    blank = dict(caption_pairs(["triangle", "square"], "")[0])
+    assert blank["a red triangle"] == blank["a red square"] == "a red circle"  # square is erased: the one before it
+    # colours: whole words only ("red" is not replaced inside "checkered"); the sibling colour keeps the shape
     pairs, preserved = caption_pairs(["red"], "hue")
     assert ("a red square on a checkered background", "a hue square on a checkered background") in pairs
     guides = dict(caption_pairs(["red"], "")[0])
-    assert guides["a red square on a checkered background"][0] == "a green square on a checkered background"
-    assert len(guides["a red square on a checkered background"]) == 5
+    assert guides["a red square on a checkered background"] == "a orange square on a checkered background"
+    # every value of the attribute erased: the guide is ""
+    assert set(dict(caption_pairs(world.SHAPES, "")[0]).values()) == {""}
     # styles: every caption with its adjective or noun, the other styles kept
     # ... and a blank guide sends a style's caption to the same caption on a plain background
     pairs, preserved = caption_pairs(["stripes"], "")
@@ -190,6 +191,8 @@ def test_toy_targets_erase_every_caption_naming_the_concept_and_keep_its_sibling
     assert ("a box, blue, with stripes behind it", "a box, blue, with nothing behind it") in pairs
     assert all(g in preserved for _, g in pairs)  # every guide caption is a plain-style training caption
     assert any("dotted" in p for p in preserved) and not any("striped" in p for p in preserved)
+    # the plain style goes to the style before it (cyclic): checkerboard
+    assert dict(caption_pairs(["plain"], "")[0])["a red triangle on a plain background"] == "a red triangle on a checkered background"
     # a caption erased for one concept is not preserved for another
     pairs, preserved = caption_pairs(["triangle", "red"], "")
     assert "a red circle" in dict(pairs) and "a red circle" not in preserved

@@ -3,10 +3,12 @@
 The toy model's MiniLM text encoder is bidirectional, so every token of a caption carries the
 shape: a concept is erased in every training caption that names it (``prompts``), and the
 other values of its attribute are kept in theirs (``kept``). The guides keep the rest of the
-caption: a shape's or colour's caption goes to the mean of the same caption with each kept
-value in its place (a *generic* value: the toy world has no "no shape", and towards "" the
-unconditional model draws a random shape, the erased one too), a style's caption to the same
-caption on a plain background. ``neutral``, ``templates`` and anchors are CPE's text side.
+caption with a *sibling* value in the concept's place: a shape or colour the kept value just
+before it in the attribute's order (cyclic: triangle -> square, circle -> heart, red -> orange),
+a style plain (plain itself the style before it). The toy world has no "no shape": towards ""
+the unconditional model draws a random shape, the erased one too, and the mean of the caption
+over every kept value (the earlier generic guide) is drawn as a square (docs/toy-sweep.md).
+``neutral``, ``templates`` and anchors are CPE's text side.
 """
 
 from __future__ import annotations
@@ -32,11 +34,21 @@ def concept_captions(concept: str, attribute: str, value: str) -> list[str]:
     return world.training_captions(attribute, value, shape_name=shape_name)
 
 
+def sibling(attribute: str, value: str, kept: list[str]) -> str | None:
+    """The value an erased one is guided to: plain for a style, else the kept value just before it (cyclic); None if none is kept."""
+    if attribute == "style" and value != "plain":
+        return "plain"
+    order = world.ATTRIBUTES[attribute]
+    before = order[:order.index(value)][::-1] + order[order.index(value) + 1:][::-1]
+    return next((v for v in before if v in kept), None)
+
+
 def caption_guides(concepts: list[str], guide: str | None = None) -> tuple[dict[str, list[tuple[str, Guide]]], list[str]]:
     """Each concept's (caption, guide) pairs, one per training caption naming it, and the captions kept.
 
     A named ``guide`` replaces the concept's word in the caption (whole words only); without one
-    the guide is generic (see the module docstring); with every value of the attribute erased it is "".
+    the guide is the caption with the sibling value (see the module docstring); with every value
+    of the attribute erased it is "".
     Kept: the other values of each concept's attribute in their captions, except erased values and
     captions erased for another concept.
     """
@@ -48,16 +60,17 @@ def caption_guides(concepts: list[str], guide: str | None = None) -> tuple[dict[
         word = caption_word(concept, attribute, value)
         words = world.STYLE_WORDS[value] if attribute == "style" else (word,)
         kept = [v for v in world.ATTRIBUTES[attribute] if (attribute, v) not in erased_values]
+        other = sibling(attribute, value, kept)
         for caption in concept_captions(concept, attribute, value):
             if guide and guide.strip():
                 guided = caption
                 for word in words:
                     guided = world.replace_words(guided, word, guide)
                 pairs.append((caption, guided))
-            elif attribute == "style" and value != "plain":
-                pairs.append((caption, world.restyle(caption, value, "plain")))
-            elif attribute != "style" and kept:
-                pairs.append((caption, tuple(world.replace_words(caption, word, world.concept_word(attribute, v)) for v in kept)))
+            elif attribute == "style" and other:
+                pairs.append((caption, world.restyle(caption, value, other)))
+            elif other:
+                pairs.append((caption, world.replace_words(caption, word, world.concept_word(attribute, other))))
             else:
                 pairs.append((caption, guide or ""))
     erased_captions = {caption for pairs in by_concept.values() for caption, _ in pairs}
