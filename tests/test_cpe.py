@@ -451,6 +451,8 @@ def test_toy_targets_give_cpe_its_text_side(model):
     assert "red" in target.anchor_prompts and "striped" in target.anchor_prompts
     striped = erasekit.resolve_targets(model, ["striped"])[0]
     assert striped.neutral == "plain" and striped.templates[0].count("{}") == 1
+    # the plain style is not its own neutral (CPE would then erase nothing): the style before it is
+    assert erasekit.resolve_targets(model, ["plain"])[0].neutral == "checkered"
     assert len(cpe.templates_for(target, cpe.CPEConfig(max_templates=7))) == 7
 
 

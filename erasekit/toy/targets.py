@@ -121,16 +121,21 @@ def anchors(concept: str, attribute: str, value: str) -> tuple[list[str], list[s
 def resolve_toy_targets(concepts: list[str], preserve=(), guide: str | None = None) -> list[EraseTarget]:
     """Toy targets for ``concepts`` (resolved together: a value erased for one is not kept for another)."""
     by_concept, kept = caption_guides(concepts, guide)
+    erased = {world.parse_concept(concept) for concept in concepts}
     targets = []
     for concept in concepts:
         attribute, value = world.parse_concept(concept)
         guide_of = dict(by_concept[concept])
+        neutral = NEUTRALS[attribute]
+        if neutral == world.concept_word(attribute, value):  # the plain style: its neutral is its sibling, not itself
+            other = sibling(attribute, value, [v for v in world.ATTRIBUTES[attribute] if (attribute, v) not in erased])
+            neutral = world.concept_word(attribute, other) if other else neutral
         prompts = list(dict.fromkeys([concept, *guide_of]))
         names, words = anchors(concept, attribute, value)
         targets.append(EraseTarget(
             concept=concept, kind=attribute, prompts=prompts,
             guides=[guide_of.get(p, guide if guide is not None else "") for p in prompts],
-            preserve=list(preserve), kept=list(kept), neutral=NEUTRALS[attribute], templates=templates(attribute),
+            preserve=list(preserve), kept=list(kept), neutral=neutral, templates=templates(attribute),
             anchors=names, anchor_prompts=words, anchors_in_templates=True,
         ))
     return targets
