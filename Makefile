@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.erasekit-installed
 
-.PHONY: demo test test-slow bench gpu-bench versions clean
+.PHONY: demo test test-slow bench sweep-toy gpu-bench versions clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_uce_rece.py
+
+# Every method's toy preset on every toy concept (docs/toy-sweep.md): about 3 hours of one CPU core; resumes.
+# Two processes share the cells' work with one thread each, e.g. METHODS=uce,cpe,rece and METHODS=esd,receler.
+METHODS ?= uce,rece,esd,receler,cpe
+sweep-toy: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/sweep_toy.py --methods $(METHODS) --out sweep-toy
 
 # One GPU: every method on SD 1.4- and SDXL-shaped models (random weights, no downloads), under 8 minutes on an H200.
 gpu-bench: $(STAMP)
