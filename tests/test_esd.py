@@ -289,16 +289,17 @@ def test_toy_preset_erases_triangle_and_keeps_the_other_shapes():
         classifier = load_classifier()
     except ErasekitError as error:
         pytest.skip(f"the trained toy model or classifier is not available: {error}")
-    prompts = shape_prompts(per_shape=8)  # 16 images a shape; measured: triangle 100% -> 0%, no other shape lower
-    before = evaluate_toy(model, prompts, samples_per_prompt=2, progress=False, classifier=classifier)["by_value"]["shape"]
+    # 32 images a shape, paired seeds: the triangle <= 10%, the five others together (160 images) within 8 points
+    # (13 images); the sweep (docs/toy-sweep.md, seed 1, 64/160 images) measured 92% -> 3% and 96% -> 92%.
+    prompts = shape_prompts(per_shape=8)
+    before = evaluate_toy(model, prompts, samples_per_prompt=4, progress=False, classifier=classifier)["by_value"]["shape"]
     started = time.time()
     erasure = erasekit.erase(model, "esd", ["triangle"], preset="toy", progress=False)
     seconds = time.time() - started
     erasure.apply(model)
-    after = evaluate_toy(model, prompts, samples_per_prompt=2, progress=False, classifier=classifier)["by_value"]["shape"]
+    after = evaluate_toy(model, prompts, samples_per_prompt=4, progress=False, classifier=classifier)["by_value"]["shape"]
     erasure.remove(model)
     print(f"\nESD toy: {seconds:.0f}s; shape accuracy before {before}; after {after}")
     assert after["triangle"] <= 0.10
-    for shape, accuracy in before.items():
-        if shape != "triangle":
-            assert after[shape] >= accuracy - 0.10, (shape, accuracy, after[shape])
+    others = [shape for shape in before if shape != "triangle"]
+    assert sum(before[s] - after[s] for s in others) / len(others) <= 0.08, (before, after)

@@ -48,7 +48,7 @@ def test_sweep_counts_resumes_and_refuses_other_settings(tmp_path, capsys, monke
     # so is a cell whose concept the resolver now resolves otherwise (another guide), but not the unerased model's
     from erasekit.toy import targets
 
-    monkeypatch.setattr(targets, "sibling", lambda attribute, value, kept: kept[-1])
+    monkeypatch.setattr(targets, "sibling", lambda attribute, value, kept: kept[0])  # green, not orange
     assert sweep_toy.main(TINY + ["--out", str(out)]) == 2
     assert "uce-red.json was made with other settings" in capsys.readouterr().err
 
