@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +121,23 @@ def test_generate_killed_mid_way_keeps_its_images_and_a_rerun_finishes_them_iden
     for name in names:
         assert_same_picture(_pixels(out / name), _pixels(reference / name))
     assert _leftovers(out) == []  # the dead process's claim was taken over and let go
+
+
+def test_a_claim_and_a_claim_draft_left_by_a_dead_process_are_taken_over_and_removed(toy, tmp_path, capsys):
+    # what a process killed while claiming leaves: its claim (always with its owner: it is hard-linked from a draft
+    # written first) and perhaps the draft; a rerun makes the image and leaves neither behind
+    out = tmp_path / "claimed"
+    assert main(_generate_argv(toy, out, prompts=("a red triangle",), samples=2)) == 0
+    (out / "00000_1.png").unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = f"{socket.gethostname()} {dead.pid}"
+    (out / ".00000_1.png.claim").write_text(owner)
+    (out / f".00000_1.png.claim.{dead.pid}.tmp").write_text(owner)
+    capsys.readouterr()
+    assert main(_generate_argv(toy, out, prompts=("a red triangle",), samples=2)) == 0
+    assert "1 new images" in capsys.readouterr().out
+    assert (out / "00000_1.png").is_file() and _leftovers(out) == []
 
 
 def test_two_generate_processes_on_one_folder_share_the_work(toy, tmp_path):

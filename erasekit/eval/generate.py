@@ -13,7 +13,8 @@ unreadable one is made again); a folder whose images were made with other settin
 unless ``overwrite``.
 
 Several processes may share one ``OUT``: before making an image a process claims it (a hidden
-``.NAME.claim`` file created exclusively, naming host and process id) and leaves images claimed by
+``.NAME.claim`` file, naming host and process id, hard-linked into place from a draft so that it
+appears whole or not at all) and leaves images claimed by
 another live process to it; a claim left by a process that died on this host is taken over.
 Under ``accelerate launch`` (or any launcher that sets ``RANK``/``WORLD_SIZE``), each process takes
 every WORLD_SIZE-th image; process 0 writes the metadata, and on GPUs each process uses the GPU
@@ -227,21 +228,32 @@ def check_folder(jobs: list[PromptJob], out: Path, settings: dict, overwrite: bo
 
 
 def _claim(out: Path, job: PromptJob) -> Path | None:
-    """Claim one image for this process (a file created exclusively); None when another live process holds it."""
+    """Claim one image for this process; None when another live process holds it. The claim is written to a draft
+    and hard-linked into place, so it never exists without its owner in it (a process killed between creating and
+    writing an empty claim would otherwise keep its image from others for a minute)."""
     path = out / f".{job.filename}.claim"
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not _stale_claim(path):
-                return None
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return path
-    return None
+    draft = out / f".{job.filename}.claim.{os.getpid()}.tmp"
+    draft.write_text(f"{socket.gethostname()} {os.getpid()}")
+    try:
+        for _ in range(2):
+            try:
+                os.link(draft, path)  # fails if the claim exists, like O_EXCL
+            except FileExistsError:
+                if not _stale_claim(path):
+                    return None
+                path.unlink(missing_ok=True)
+                continue
+            return path
+        return None
+    finally:
+        draft.unlink(missing_ok=True)
+
+
+def _remove_dead_drafts(out: Path) -> None:
+    """Remove claim drafts left by processes killed while claiming."""
+    for draft in out.glob(".*.claim.*.tmp"):
+        if _stale_claim(draft):
+            draft.unlink(missing_ok=True)
 
 
 def _stale_claim(path: Path) -> bool:
@@ -327,6 +339,7 @@ def generate_to_folder(model, jobs: list[PromptJob], out: str | Path, batch_size
         groups.setdefault(job.guidance, []).append(job)
     with tqdm(total=len(mine), desc="generate", disable=not progress) as bar:  # (closed, so an error starts a line of its own)
         written, elsewhere = _make(model, out, groups, keys, batch_size, steps, bar)
+    _remove_dead_drafts(out)
     if elsewhere:
         print(f"{elsewhere} image(s) were being made by another process and were left to it; rerun when it is done to check")
     return written
