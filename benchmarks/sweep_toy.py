@@ -65,7 +65,8 @@ def cell_key(method: str, config: dict | None, concept: str, protocol, weights: 
     """Everything a cell depends on, the resolver's targets (prompts, guides, kept captions) included."""
     parts = [method, config, concept, asdict(protocol), weights, erasekit.__version__]
     if config is not None:  # the unerased model's cells do not depend on the targets
-        parts.append([asdict(t) for t in resolve_toy_targets([concept])])
+        # (word is left out where it is the concept, its default, so cells made before it existed keep their keys)
+        parts.append([{k: v for k, v in asdict(t).items() if k != "word" or v != t.concept} for t in resolve_toy_targets([concept])])
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -83,7 +84,8 @@ def measure(model, concept: str, protocol) -> dict:
 
 def run_cell(model, method: str, concept: str, protocol, args, weights: str) -> dict:
     path = Path(args.out) / "cells" / f"{method}-{concept}.json"
-    config = None if method == "original" else asdict(build_config(method, args.preset, {}))
+    kind = world.parse_concept(concept)[0]  # (the preset's layer for the concept's kind, if it has one)
+    config = None if method == "original" else asdict(build_config(method, args.preset, {}, kind=kind))
     key = cell_key(method, config, concept, protocol, weights)
     if path.is_file():
         cell = json.loads(path.read_text())

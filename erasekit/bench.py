@@ -509,6 +509,7 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
     from erasekit.erasure import Erasure
     from erasekit.eval.report import write_report
     from erasekit.models.loading import load_model
+    from erasekit.methods import build_config
     from erasekit.resolve import erase
 
     config.validate()
@@ -579,7 +580,8 @@ def run_bench(config: BenchConfig, out: str | Path = "report", progress: bool = 
 
     def erasure_unit(method: str, concept: ToyConcept, bar: _Progress, reading: bool) -> Erasure:
         path = out / "erasures" / f"{method}-{concept.name}.safetensors"
-        settings = {"method": method, "concept": concept.erase_text, "preset": config.preset, "seed": config.erase_seed}
+        settings = {"method": method, "concept": concept.erase_text, "preset": config.preset, "seed": config.erase_seed,
+                    "config": dataclasses.asdict(build_config(method, config.preset, kind=concept.attribute))}  # (the preset's values)
         if plan is not None:
             settings["kind"] = concept.attribute
         if path.is_file():

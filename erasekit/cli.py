@@ -87,7 +87,8 @@ def cmd_erase(args) -> None:
     from erasekit.erasure import Erasure
     from erasekit.utils import check_writable
 
-    config = build_config(args.method, args.preset, _parse_sets(args.set))  # fail on bad --set before loading
+    sets = _parse_sets(args.set)
+    config = build_config(args.method, args.preset, sets)  # fail on bad --set before loading
     out = Erasure.file_path(args.out)  # what will be written, suffix included
     if out.exists() and not args.overwrite:
         raise ErasekitError(f"{out} already exists; pass --overwrite or choose another --out")
@@ -108,7 +109,7 @@ def cmd_erase(args) -> None:
     model = _load(args)
     start = time.perf_counter()
     erasure = erase(model, args.method, args.concept, preserve=args.preserve or [], kind=args.kind, guide=args.guide,
-                    config=config)
+                    preset=args.preset, overrides=sets)  # (the preset's layer for the concepts' kind, if it has one)
     if erasure is None or not distributed.is_main():  # several processes: process 0 saves
         return
     erasure.info.setdefault("seconds", round(time.perf_counter() - start, 2))

@@ -54,12 +54,14 @@ def erase(model, method: str, concepts, preserve=(), kind: str | None = None, gu
 
     ``kind`` (object, artist, person, nudity; on the toy model shape, color, style) says what the
     concepts are, where the model's resolver cannot tell; ``guide`` replaces the kind's guide
-    prompt. ``config`` is the method's config dataclass; or give ``preset`` and/or ``overrides``.
+    prompt. ``config`` is the method's config dataclass; or give ``preset`` (with its layer for
+    the concepts' kind, if it has one: :func:`~erasekit.methods.build_config`) and/or ``overrides``.
     Under ``torchrun`` / ``accelerate launch``, see :func:`erasekit.methods.run_method` (ESD and Receler
     train data parallel; the other methods run on process 0, and the other processes get None).
     """
     get_method(method)
-    if config is None:
-        config = build_config(method, preset, overrides)
     targets = resolve_targets(model, concepts, kind=kind, preserve=preserve, guide=guide)
+    if config is None:
+        kinds = {target.kind for target in targets}  # a per-kind preset layer applies when the concepts share a kind
+        config = build_config(method, preset, overrides, kind=kinds.pop() if len(kinds) == 1 else None)
     return run_method(model, method, targets, config=config, progress=progress)

@@ -219,3 +219,20 @@ def test_defaults_pass_their_own_checks(config_cls):
 def test_every_preset_parses(method):
     for preset in get_method(method).PRESETS:
         build_config(method, preset)
+
+
+def test_a_preset_layer_for_a_kind_goes_on_top_of_the_preset_for_concepts_of_that_kind(monkeypatch):
+    import erasekit
+    import erasekit.resolve
+
+    monkeypatch.setitem(get_method("uce").PRESETS, "toy:color", {"lamb": 0.25})
+    base = build_config("uce", "toy")
+    assert build_config("uce", "toy", kind="color").lamb == 0.25 != base.lamb
+    assert build_config("uce", "toy", kind="shape") == base == build_config("uce", "toy")
+    assert build_config("uce", "toy", {"lamb": "0.75"}, kind="color").lamb == 0.75  # --set still has the last word
+    seen = []
+    monkeypatch.setattr(erasekit.resolve, "run_method", lambda model, method, targets, config, progress: seen.append(config))
+    model = erasekit.load_model("toy")
+    for concepts in (["red"], ["circle"], ["red", "circle"]):  # the layer applies when every concept is of its kind
+        erasekit.erase(model, "uce", concepts, preset="toy")
+    assert [config.lamb for config in seen] == [0.25, base.lamb, base.lamb]

@@ -56,14 +56,21 @@ def available_methods() -> list[str]:
     return [name for name, path in METHODS.items() if importlib.util.find_spec(path) is not None]
 
 
-def build_config(method: str, preset: str | None = None, overrides: dict[str, str] | None = None):
-    """The method's config: its dataclass defaults, then the preset, then ``--set`` overrides."""
+def build_config(method: str, preset: str | None = None, overrides: dict[str, str] | None = None, kind: str | None = None):
+    """The method's config: its dataclass defaults, then the preset, then ``--set`` overrides.
+
+    A preset may have per-kind layers, ``PRESETS["NAME:KIND"]``: with the concepts' ``kind`` known,
+    its values go on top of ``NAME``'s (``toy`` for a shape, ``toy`` then ``toy:style`` for a style).
+    """
     module = get_method(method)
     values = {}
     if preset:
         if preset not in module.PRESETS:
             raise ErasekitError(f"unknown preset {preset!r} for {method}; choose one of: {', '.join(module.PRESETS)}")
         values.update(parse_values(module.CONFIG, module.PRESETS[preset], source=f"preset {preset!r}", name=method))
+        layer = f"{preset}:{kind}"
+        if kind and layer in module.PRESETS:
+            values.update(parse_values(module.CONFIG, module.PRESETS[layer], source=f"preset {layer!r}", name=method))
     values.update(parse_values(module.CONFIG, overrides, source="--set", name=method))
     return module.CONFIG(**values)
 

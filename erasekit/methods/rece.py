@@ -117,6 +117,8 @@ PRESETS = {
     # scale 10 and the concept's own, each retain prompt once (docs/toy-presets.md says why each value)
     "toy": {"uce_token_mode": "all_tokens", "contexts": True, "retain": [""], "epochs": 24,
             "regular_scale": 0.1, "preserve_scale": 10.0, "keep_concept_erased": True, "retain_per_concept": False},
+    # on a toy style (chosen by the concept's kind): 3 rounds, as the paper's nudity run; 24 cost the other styles
+    "toy:style": {"epochs": 3},
     # train.py for nudity: close_regzero λ 0.1, 3 epochs, guide " ", retain [" "] per concept, λ₁ = λ₂ = 0.1
     "nudity": {"epochs": 3, "regular_scale": 1e-1, "retain": [" "]},
     # train.py for the 11 I2P categories (erasekit.methods.uce.I2P_CONCEPTS) at once, chosen by Q16 in the paper:
