@@ -30,8 +30,8 @@ class EraseTarget:
     ``prompts`` name the concept (``prompts[0]`` is the concept itself, the rest are its
     contexts, e.g. the toy's training captions) and ``guides`` say what each maps to;
     ``preserve`` are the user's prompts to keep and ``kept`` the ones the resolver adds for
-    locality. ``neutral``, ``templates`` and the anchors are the text side of CPE-like
-    methods. ``kind`` is None when the user gave none and it could not be told: fields that
+    locality. ``word``, ``neutral``, ``templates`` and the anchors are the text side of CPE-like
+    methods: ``word`` (default: the concept) is what fills the templates' "{}". ``kind`` is None when the user gave none and it could not be told: fields that
     depend on it are then None, and a method that needs them calls :func:`require`.
     """
 
@@ -47,10 +47,10 @@ class EraseTarget:
     anchor_candidates: list[str] = field(default_factory=list)  # anchor names a method picks the most similar from
     anchor_prompts: list[str] = field(default_factory=list)  # anchor prompts used as written
     anchors_in_templates: bool = True
+    word: str = ""  # what fills the templates in the concept's place ("": the concept)
 
-    @property
-    def word(self) -> str:
-        return self.prompts[0]
+    def __post_init__(self):
+        self.word = self.word or self.concept
 
     def describe(self) -> dict:
         """A short record for an erasure's info."""

@@ -25,6 +25,7 @@ from erasekit.modules import cpe as cpe_modules
 from erasekit.models.attention import HookedCrossAttnProcessor
 from erasekit.targets import read_list, resolve_sd_targets
 from erasekit.toy import targets as toy_targets
+from erasekit.toy import world
 from erasekit.training import Checkpoints
 
 # Small enough to train in a few seconds on one CPU core; the gates still learn.
@@ -453,6 +454,12 @@ def test_toy_targets_give_cpe_its_text_side(model):
     assert striped.neutral == "plain" and striped.templates[0].count("{}") == 1
     # the plain style is not its own neutral (CPE would then erase nothing): the style before it is
     assert erasekit.resolve_targets(model, ["plain"])[0].neutral == "checkered"
+    # a colour's neutral is its sibling (no caption has a colourless word), "colored" only with every colour erased
+    assert erasekit.resolve_targets(model, ["purple"])[0].neutral == "yellow"
+    assert {t.neutral for t in erasekit.resolve_targets(model, list(world.COLORS))} == {"colored"}
+    # the templates are filled with the word the captions use there: the style's adjective, the shape's name as given
+    assert erasekit.resolve_targets(model, ["checkerboard"])[0].word == "checkered" and target.word == "triangle"
+    assert erasekit.resolve_targets(model, ["box"])[0].word == "box"
     assert len(cpe.templates_for(target, cpe.CPEConfig(max_templates=7))) == 7
 
 

@@ -179,6 +179,8 @@ PRESETS = {
         "iterations": 200, "first_stage_learning_rate": 3e-3, "learning_rate": 3e-4, "adversarial_embeddings": 8,
         "adversarial_iterations": 100, "anchor_batch_size": 16, "max_templates": 24,
     },
+    # on a toy colour (chosen by the concept's kind): g = 1; at 3 erasing green cost its own prompts' shapes 15 points
+    "toy:color": {"guidance": 1.0},
 }
 
 
@@ -569,7 +571,7 @@ class CPETrainer:
 
     def checkpoint_key(self) -> dict:
         """Everything that determines the run: concepts and their text side, settings, K/V weights, erasures already applied."""
-        text = [[t.concept, t.kind, t.neutral, t.templates, t.preserve, t.anchors, t.anchor_candidates, t.anchor_prompts,
+        text = [[t.concept, t.word, t.kind, t.neutral, t.templates, t.preserve, t.anchors, t.anchor_candidates, t.anchor_prompts,
                  t.anchors_in_templates] for t in self.targets]
         return {
             "method": "cpe", "concepts": [t.concept for t in self.targets],
@@ -584,7 +586,7 @@ class CPETrainer:
         self._concept_started, self.concept_seconds = time.perf_counter(), 0.0
         target, config, model = self.targets[len(self.states)], self.config, self.model
         templates = templates_for(target, config)
-        concept_states = encode_states(model, [t.format(target.concept) for t in templates])
+        concept_states = encode_states(model, [t.format(target.word) for t in templates])
         neutrals = encode_states(model, [t.format(target.neutral) for t in templates])
         prompts = anchor_prompts(model, target, templates, config)
         anchors = encode_states(model, prompts) if prompts else None

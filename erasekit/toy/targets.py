@@ -8,7 +8,8 @@ before it in the attribute's order (cyclic: triangle -> square, circle -> heart,
 a style plain (plain itself the style before it). The toy world has no "no shape": towards ""
 the unconditional model draws a random shape, the erased one too, and the mean of the caption
 over every kept value (the earlier generic guide) is drawn as a square (docs/toy-sweep.md).
-``neutral``, ``templates`` and anchors are CPE's text side.
+``word``, ``neutral``, ``templates`` and anchors are CPE's text side; ``word`` is the word the captions
+use (a style's adjective: "checkered", not "checkerboard", which no template has in that place).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 from erasekit.targets import EraseTarget, Guide
 from erasekit.toy import world
 
-NEUTRALS = {"shape": "object", "color": "colored", "style": "plain"}  # not "shape": the model draws triangles for it
+# CPE's neutral words: not "shape" (the model draws triangles for it); a colour's is its sibling (set below), as no
+# caption has a colourless word ("colored" cost purple's shapes 19 points) and plain's is the style before it
+NEUTRALS = {"shape": "object", "style": "plain"}
 
 
 def caption_word(concept: str, attribute: str, value: str) -> str:
@@ -126,16 +129,16 @@ def resolve_toy_targets(concepts: list[str], preserve=(), guide: str | None = No
     for concept in concepts:
         attribute, value = world.parse_concept(concept)
         guide_of = dict(by_concept[concept])
-        neutral = NEUTRALS[attribute]
-        if neutral == world.concept_word(attribute, value):  # the plain style: its neutral is its sibling, not itself
+        neutral = NEUTRALS.get(attribute)
+        if neutral in (None, world.concept_word(attribute, value)):  # a colour, or the plain style: its sibling
             other = sibling(attribute, value, [v for v in world.ATTRIBUTES[attribute] if (attribute, v) not in erased])
-            neutral = world.concept_word(attribute, other) if other else neutral
+            neutral = world.concept_word(attribute, other) if other else "colored" if attribute == "color" else neutral
         prompts = list(dict.fromkeys([concept, *guide_of]))
         names, words = anchors(concept, attribute, value)
         targets.append(EraseTarget(
             concept=concept, kind=attribute, prompts=prompts,
             guides=[guide_of.get(p, guide if guide is not None else "") for p in prompts],
             preserve=list(preserve), kept=list(kept), neutral=neutral, templates=templates(attribute),
-            anchors=names, anchor_prompts=words, anchors_in_templates=True,
+            anchors=names, anchor_prompts=words, anchors_in_templates=True, word=caption_word(concept, attribute, value),
         ))
     return targets
