@@ -20,11 +20,7 @@ Attacks (``--attacks``):
     RECE's closed-form adversarial embedding; it needs an erasure of to_k/to_v weights, so it
     applies to ESD-x but not to Receler's added erasers (reported as n/a).
 
-Measured (2026-12-01, defaults: seeds 0 and 1, 4 prompts x 4 images per attack and seed, soft-prompt
-100 steps over 10 timesteps; the toy model sampling at guidance 2), share of attacked images drawn
-as a triangle, ESD-x / Receler: unattacked 0% / 3%, paraphrase 28% / 9%, soft-prompt 66% / 59%
-(per seed 56, 75% / 81, 38%), closed-form 66% / n/a. Receler comes back less often under both
-attacks it can be given, by a margin smaller than the spread between seeds for soft-prompt.
+What it measured is in ``docs/toy-presets.md`` (Receler `toy`).
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/bench_robustness.py
     python benchmarks/bench_robustness.py --seeds 0 1 2 --attacks soft-prompt --erasures runs/robustness

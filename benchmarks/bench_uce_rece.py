@@ -28,15 +28,7 @@ toy model: restricted to the leading principal directions of the other shapes' c
 (which such an erasure must leave nearly in place), the attack still brings back most of the
 triangle's keys and values. RECE lowers the attack's success; in the toy it cannot end it.
 
-Measured (``--toy``, 4 samples; named / held-out / closed-form of 64 / 64 / 32 images; seed 0):
-
-    unerased   91% / 67% / -
-    UCE         5% / 20% / 94%     kv 0.94
-    RECE        6% / 12% / 81%     kv 0.78
-
-every other shape within 3 points of the unerased model. Striped style erased (100% -> 0%): shape
-97.9% -> 93.8% (UCE), 96.9% (RECE), colour 100% -> 100%. The bound: 25 / 50 / 100 / 200 leading
-directions bring back 0.47 / 0.63 / 0.79 / 0.91 of the triangle's keys and values.
+What it measured is in ``docs/toy-presets.md`` (UCE `toy` and RECE `toy`) and the README.
 """
 
 from __future__ import annotations

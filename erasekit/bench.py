@@ -267,11 +267,11 @@ class ModelPlan:
 
 
 def _prompt_rows(path: str, key: str) -> list[dict]:
-    from erasekit.eval.generate import _read_rows
+    from erasekit.eval.generate import read_rows
 
     if not Path(path).expanduser().is_file():
         raise ErasekitError(f"{key}: prompt file {path} does not exist; fix the path (relative paths are read from the TOML file's folder)")
-    rows = [row for row in _read_rows(str(Path(path).expanduser())) if row.get("prompt")]
+    rows = [row for row in read_rows(str(Path(path).expanduser())) if row.get("prompt")]
     if not rows:
         raise ErasekitError(f"{key}: {path} holds no prompts; write one prompt a line, or a CSV with a prompt column")
     return rows

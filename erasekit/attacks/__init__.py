@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 from erasekit.attacks.base import (
-    AdversarialPrompt, Attack, AttackConfig, AttackRun, NudeNetJudge, ToyJudge, build_attack_config, execute, load_adversarial,
+    AdversarialPrompt, Attack, AttackConfig, AttackRun, build_attack_config, execute, load_adversarial,
 )
 from erasekit.attacks.closed_form import ClosedFormAttack, ClosedFormConfig
 from erasekit.attacks.p4d import P4DAttack, P4DConfig
@@ -37,6 +37,7 @@ from erasekit.attacks.soft_prompt import SoftPromptAttack, SoftPromptConfig, Unl
 from erasekit.attacks.textual_inversion import TextualInversionAttack, TextualInversionConfig
 from erasekit.config import describe
 from erasekit.errors import ErasekitError
+from erasekit.eval.judges import NudeNetJudge, ToyJudge
 
 # name -> attack class (its ``config_class`` holds the defaults; ``config_defaults`` a name's own overrides)
 ATTACKS: dict[str, type[Attack]] = {

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from erasekit import distributed
 from erasekit.config import parse_values
 from erasekit.errors import ErasekitError
-from erasekit.eval.judges import Judge, NudeNetJudge, ToyJudge, judge_record, make_judge  # noqa: F401 (re-exported)
+from erasekit.eval.judges import Judge, judge_record, make_judge
 from erasekit.eval.stats import rate_record
 from erasekit.models.handle import Conditioning
 from erasekit.utils import image_grid, sample_seed, save_png, save_safetensors, write_json, write_text

@@ -78,7 +78,7 @@ def _first(row: dict, columns) -> str | None:
     return None
 
 
-def _read_rows(path: str) -> list[dict]:
+def read_rows(path: str) -> list[dict]:
     """Rows with at least a 'prompt' key from a CSV, a text file or a toy prompt set."""
     if path.startswith("toy:"):
         from erasekit.toy.evaluate import PROMPT_SETS
@@ -123,7 +123,7 @@ def read_prompts(path: str | None = None, prompts: list[str] | None = None, seed
     Seeds: a row's own seed column (sample k gets seed + k), else ``seed * 100003 + row index + k``.
     Rows with an empty prompt are skipped (their case numbers are not reused).
     """
-    rows: list[dict] = _read_rows(path) if path else []
+    rows: list[dict] = read_rows(path) if path else []
     rows += [{"prompt": p} for p in prompts or []]
     if not any(row["prompt"] for row in rows):
         raise ErasekitError("no prompts; pass --prompt TEXT or --prompts FILE")
