@@ -179,8 +179,6 @@ PRESETS = {
         "iterations": 200, "first_stage_learning_rate": 3e-3, "learning_rate": 3e-4, "adversarial_embeddings": 8,
         "adversarial_iterations": 100, "anchor_batch_size": 16, "max_templates": 24,
     },
-    # on a toy colour (chosen by the concept's kind): g = 1; at 3 erasing green cost its own prompts' shapes 15 points
-    "toy:color": {"guidance": 1.0},
 }
 
 
