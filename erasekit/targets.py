@@ -31,8 +31,9 @@ class EraseTarget:
     contexts, e.g. the toy's training captions) and ``guides`` say what each maps to;
     ``preserve`` are the user's prompts to keep and ``kept`` the ones the resolver adds for
     locality. ``word``, ``neutral``, ``templates`` and the anchors are the text side of CPE-like
-    methods: ``word`` (default: the concept) is what fills the templates' "{}". ``kind`` is None when the user gave none and it could not be told: fields that
-    depend on it are then None, and a method that needs them calls :func:`require`.
+    methods: ``word`` (default: the concept) is what fills the templates' "{}". ``kind`` is None
+    when the user gave none and it could not be told: fields that depend on it are then None, and
+    a method that needs them calls :func:`require`.
     """
 
     concept: str

@@ -17,9 +17,9 @@ from __future__ import annotations
 from erasekit.targets import EraseTarget, Guide
 from erasekit.toy import world
 
-# CPE's neutral words: not "shape" (the model draws triangles for it); a colour's is its sibling (set below), as no
-# caption has a colourless word ("colored" cost purple's shapes 19 points) and plain's is the style before it
-NEUTRALS = {"shape": "object", "style": "plain"}
+# CPE's neutral words: not "shape" (the model draws triangles for it). A colour's is its sibling while one is kept
+# (no caption has a colourless word: with "colored" CPE left 39% of purple drawn), and so is plain's.
+NEUTRALS = {"shape": "object", "color": "colored", "style": "plain"}
 
 
 def caption_word(concept: str, attribute: str, value: str) -> str:
@@ -129,10 +129,10 @@ def resolve_toy_targets(concepts: list[str], preserve=(), guide: str | None = No
     for concept in concepts:
         attribute, value = world.parse_concept(concept)
         guide_of = dict(by_concept[concept])
-        neutral = NEUTRALS.get(attribute)
-        if neutral in (None, world.concept_word(attribute, value)):  # a colour, or the plain style: its sibling
+        neutral = NEUTRALS[attribute]
+        if attribute == "color" or neutral == world.concept_word(attribute, value):  # a colour, or plain: its sibling
             other = sibling(attribute, value, [v for v in world.ATTRIBUTES[attribute] if (attribute, v) not in erased])
-            neutral = world.concept_word(attribute, other) if other else "colored" if attribute == "color" else neutral
+            neutral = world.concept_word(attribute, other) if other else neutral
         prompts = list(dict.fromkeys([concept, *guide_of]))
         names, words = anchors(concept, attribute, value)
         targets.append(EraseTarget(
