@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import erasekit
 from erasekit.attacks import ATTACKS, load_adversarial, make_attack, run_attack
-from erasekit.attacks import text as attack_text
+from erasekit.models import tokens
 from erasekit.errors import ErasekitError
 
 RESULT_KEYS = {"attack", "concept", "success_rate", "n", "budget", "seed", "per_prompt"}
@@ -62,52 +62,52 @@ def test_token_round_trip_on_the_toy_model(model):
     ids = model.tokenize([prompt])["input_ids"][0]
     mask = model.tokenize([prompt])["attention_mask"][0].bool()
     words = ids[mask][1:-1]
-    embeddings = attack_text.input_embedding_matrix(model)[words]
-    assert torch.equal(attack_text.project_to_tokens(model, embeddings), words)
-    assert attack_text.ids_to_text(model, words) == prompt
+    embeddings = tokens.input_embedding_matrix(model)[words]
+    assert torch.equal(tokens.project_to_tokens(model, embeddings), words)
+    assert tokens.ids_to_text(model, words) == prompt
 
-    template = attack_text.token_template(model, prompt)
+    template = tokens.token_template(model, prompt)
     assert torch.equal(template.input_ids, ids) and template.slots == []
     expected = model.encode([prompt]).hidden_states
-    torch.testing.assert_close(attack_text.encode_ids(model, template.input_ids, template.attention_mask).hidden_states, expected)
+    torch.testing.assert_close(tokens.encode_ids(model, template.input_ids, template.attention_mask).hidden_states, expected)
     # a word replaced by a slot holding that word's own embedding encodes to the same states
-    slotted = attack_text.token_template(model, prompt, replace_word="triangle")
-    triangle = attack_text.word_ids(model, "triangle")
+    slotted = tokens.token_template(model, prompt, replace_word="triangle")
+    triangle = tokens.word_ids(model, "triangle")
     assert len(slotted.slots) == 1 and ids[slotted.slots[0]].item() == triangle[0]
-    states = attack_text.encode_slots(model, slotted, attack_text.input_embedding_matrix(model)[triangle]).hidden_states
+    states = tokens.encode_slots(model, slotted, tokens.input_embedding_matrix(model)[triangle]).hidden_states
     torch.testing.assert_close(states, expected)
 
-    prefixed = attack_text.token_template(model, prompt, prefix=3)
+    prefixed = tokens.token_template(model, prompt, prefix=3)
     assert prefixed.slots == [1, 2, 3] and torch.equal(prefixed.input_ids[4 : 4 + len(words)], words)
-    inserted = attack_text.token_template(model, "a red triangle", insert_every=2)
+    inserted = tokens.token_template(model, "a red triangle", insert_every=2)
     assert len(inserted.slots) == 1 and inserted.slots[0] == 3  # [CLS] a red <slot> triangle [SEP]
 
 
 def test_slot_embeddings_get_gradients(model):
-    template = attack_text.token_template(model, "a red triangle", prefix=2)
-    embeddings = torch.randn(2, attack_text.input_embedding_matrix(model).shape[1], requires_grad=True)
-    attack_text.encode_slots(model, template, embeddings).hidden_states.square().sum().backward()
+    template = tokens.token_template(model, "a red triangle", prefix=2)
+    embeddings = torch.randn(2, tokens.input_embedding_matrix(model).shape[1], requires_grad=True)
+    tokens.encode_slots(model, template, embeddings).hidden_states.square().sum().backward()
     assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
     with pytest.raises(ErasekitError, match="more than"):
-        attack_text.token_template(model, "a red triangle", prefix=30)
+        tokens.token_template(model, "a red triangle", prefix=30)
 
 
 def test_token_utilities_on_tiny_sd(tiny_sd_folder):
     sd = erasekit.load_model(tiny_sd_folder)
     prompt = "a photo of a red cat"
     ids = sd.tokenize([prompt])["input_ids"][0]
-    words = torch.tensor(attack_text.word_ids(sd, prompt))
-    embeddings = attack_text.input_embedding_matrix(sd)[words]
-    assert torch.equal(attack_text.project_to_tokens(sd, embeddings), words)
-    template = attack_text.token_template(sd, prompt)
+    words = torch.tensor(tokens.word_ids(sd, prompt))
+    embeddings = tokens.input_embedding_matrix(sd)[words]
+    assert torch.equal(tokens.project_to_tokens(sd, embeddings), words)
+    template = tokens.token_template(sd, prompt)
     assert torch.equal(template.input_ids, ids)
     expected = sd.encode([prompt]).hidden_states
-    torch.testing.assert_close(attack_text.encode_ids(sd, template.input_ids).hidden_states, expected)
-    slotted = attack_text.token_template(sd, prompt, replace_word="cat")
-    states = attack_text.encode_slots(sd, slotted, attack_text.input_embedding_matrix(sd)[attack_text.word_ids(sd, "cat")]).hidden_states
+    torch.testing.assert_close(tokens.encode_ids(sd, template.input_ids).hidden_states, expected)
+    slotted = tokens.token_template(sd, prompt, replace_word="cat")
+    states = tokens.encode_slots(sd, slotted, tokens.input_embedding_matrix(sd)[tokens.word_ids(sd, "cat")]).hidden_states
     torch.testing.assert_close(states, expected)
-    prefix = torch.randn(2, attack_text.input_embedding_matrix(sd).shape[1], requires_grad=True)
-    attack_text.encode_slots(sd, attack_text.token_template(sd, prompt, prefix=2), prefix).hidden_states.sum().backward()
+    prefix = torch.randn(2, tokens.input_embedding_matrix(sd).shape[1], requires_grad=True)
+    tokens.encode_slots(sd, tokens.token_template(sd, prompt, prefix=2), prefix).hidden_states.sum().backward()
     assert prefix.grad.abs().sum() > 0
 
 
@@ -117,8 +117,8 @@ def test_token_attacks_on_two_encoders_need_a_shared_vocabulary(tiny_sdxl_folder
     import dataclasses
 
     sdxl = erasekit.load_model(tiny_sdxl_folder)
-    hard = attack_text.token_template(sdxl, "a red cat")  # hard prompts: same states as encode()
-    torch.testing.assert_close(attack_text.encode_ids(sdxl, hard.input_ids, hard.attention_mask).hidden_states,
+    hard = tokens.token_template(sdxl, "a red cat")  # hard prompts: same states as encode()
+    torch.testing.assert_close(tokens.encode_ids(sdxl, hard.input_ids, hard.attention_mask).hidden_states,
                                sdxl.encode(["a red cat"]).hidden_states)
 
     class OtherVocabulary:
@@ -131,9 +131,9 @@ def test_token_attacks_on_two_encoders_need_a_shared_vocabulary(tiny_sdxl_folder
 
     other = dataclasses.replace(sdxl, tokenizers=[sdxl.tokenizers[0], OtherVocabulary(sdxl.tokenizers[1])])
     with pytest.raises(ErasekitError, match="another vocabulary"):
-        attack_text.token_template(other, "a red cat", prefix=1)
+        tokens.token_template(other, "a red cat", prefix=1)
     with pytest.raises(ErasekitError, match="another vocabulary"):
-        attack_text.TokenProjector(other)
+        tokens.TokenProjector(other)
 
 
 # ------------------------------------------------------------------------------------------ end to end

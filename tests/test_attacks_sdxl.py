@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import erasekit
 from erasekit.attacks import base, load_adversarial, run_attack
-from erasekit.attacks import text as attack_text
+from erasekit.models import tokens
 from erasekit.errors import ErasekitError
 
 from conftest import TEXT_HIDDEN, TEXT_PROJECTION
@@ -73,7 +73,7 @@ def _attack(sdxl, erasure, name, out, budget, prompts=PROMPTS):
 
 def _distance_to_vocabulary(sdxl, embeddings, encoder_index):
     """For each row, the largest coordinate gap to the nearest row of the encoder's token-embedding table."""
-    table = attack_text.input_embedding_matrix(sdxl, encoder_index).detach().float()
+    table = tokens.input_embedding_matrix(sdxl, encoder_index).detach().float()
     return (embeddings.float().unsqueeze(1) - table.unsqueeze(0)).abs().amax(dim=-1).amin(dim=-1)
 
 
@@ -87,7 +87,7 @@ def _hard_conditioning(sdxl, template_ids, slots, token_ids):
     ids = template_ids.clone()
     ids[slots] = token_ids
     with torch.no_grad():
-        return attack_text.encode_ids(sdxl, ids, _mask(sdxl, ids))
+        return tokens.encode_ids(sdxl, ids, _mask(sdxl, ids))
 
 
 # ------------------------------------------------------------------------------------------ the text side
@@ -95,20 +95,20 @@ def test_the_two_tokenizers_share_a_vocabulary(sdxl):
     """The fact the token attacks build on: one id names the same word in both encoders (only padding differs)."""
     assert sdxl.tokenizers[0].get_vocab() == sdxl.tokenizers[1].get_vocab()
     assert sdxl.tokenizers[0].pad_token_id != sdxl.tokenizers[1].pad_token_id
-    attack_text.check_shared_vocabulary(sdxl)
+    tokens.check_shared_vocabulary(sdxl)
 
 
 def test_projection_uses_both_vocabularies(sdxl):
     prompt = "a photo of a red cat"
-    words = torch.tensor(attack_text.word_ids(sdxl, prompt))
-    both = attack_text.token_embeddings(sdxl, words)
+    words = torch.tensor(tokens.word_ids(sdxl, prompt))
+    both = tokens.token_embeddings(sdxl, words)
     assert [tuple(e.shape) for e in both] == [(len(words), TEXT_HIDDEN)] * 2
-    assert torch.equal(attack_text.project_to_tokens(sdxl, both), words)
+    assert torch.equal(tokens.project_to_tokens(sdxl, both), words)
     # encoder 1's row of "red" with encoder 2's row of "cat": one id, by the weighted sum of both squared distances
-    red, cat = attack_text.word_ids(sdxl, "red")[0], attack_text.word_ids(sdxl, "cat")[0]
-    rows = [attack_text.input_embedding_matrix(sdxl, k).detach() for k in range(2)]
+    red, cat = tokens.word_ids(sdxl, "red")[0], tokens.word_ids(sdxl, "cat")[0]
+    rows = [tokens.input_embedding_matrix(sdxl, k).detach() for k in range(2)]
     mixed = [rows[0][[red]], rows[1][[cat]]]
-    projector = attack_text.TokenProjector(sdxl)
+    projector = tokens.TokenProjector(sdxl)
     scale = [r[projector.candidates].square().sum(-1).mean() for r in rows]
     assert projector.weights[0] == 1.0 and projector.weights[1] == pytest.approx(float(scale[0] / scale[1]))
     distance = sum(w * (m - r[projector.candidates]).square().sum(-1) for m, r, w in zip(mixed, rows, projector.weights))
@@ -121,19 +121,19 @@ def test_projection_uses_both_vocabularies(sdxl):
 def test_slot_embeddings_of_both_encoders_encode_like_the_prompt(sdxl):
     prompt = "a photo of a red cat"
     expected = sdxl.encode([prompt])
-    slotted = attack_text.token_template(sdxl, prompt, replace_word="cat")
-    cond = attack_text.encode_slots(sdxl, slotted, attack_text.token_embeddings(sdxl, attack_text.word_ids(sdxl, "cat")))
+    slotted = tokens.token_template(sdxl, prompt, replace_word="cat")
+    cond = tokens.encode_slots(sdxl, slotted, tokens.token_embeddings(sdxl, tokens.word_ids(sdxl, "cat")))
     torch.testing.assert_close(cond.hidden_states, expected.hidden_states)
     torch.testing.assert_close(cond.added["text_embeds"], expected.added["text_embeds"])
     torch.testing.assert_close(cond.added["time_ids"], expected.added["time_ids"])
     with pytest.raises(ErasekitError, match=r"2 text encoder\(s\) of embedding sizes \[32, 32\]"):
-        attack_text.encode_slots(sdxl, slotted, torch.zeros(1, TEXT_HIDDEN))  # one tensor for two encoders
+        tokens.encode_slots(sdxl, slotted, torch.zeros(1, TEXT_HIDDEN))  # one tensor for two encoders
 
 
 def test_the_gradient_reaches_both_encoders_embeddings(sdxl):
-    template = attack_text.token_template(sdxl, "a red cat", prefix=2)
-    prefix = [e.requires_grad_(True) for e in attack_text.token_embeddings(sdxl, attack_text.word_ids(sdxl, "photo of"))]
-    cond = attack_text.encode_slots(sdxl, template, prefix)
+    template = tokens.token_template(sdxl, "a red cat", prefix=2)
+    prefix = [e.requires_grad_(True) for e in tokens.token_embeddings(sdxl, tokens.word_ids(sdxl, "photo of"))]
+    cond = tokens.encode_slots(sdxl, template, prefix)
     # the pooled embedding comes from text_encoder_2 alone
     first, second = torch.autograd.grad(cond.added["text_embeds"].square().sum(), prefix, allow_unused=True, retain_graph=True)
     assert (first is None or first.abs().sum() == 0) and second.abs().sum() > 0
@@ -153,9 +153,9 @@ def test_soft_prompt_optimises_both_encoders(sdxl, erasure, tmp_path):
     assert [tuple(p.shape) for p in prefix] == [(2, TEXT_HIDDEN)] * 2
     for k, p in enumerate(prefix):  # moved off the random tokens they started from, in both tables
         assert _distance_to_vocabulary(sdxl, p, k).min() > 1e-3, k
-    template = attack_text.TokenTemplate(tensors["template_ids"], _mask(sdxl, tensors["template_ids"]), [1, 2])
+    template = tokens.TokenTemplate(tensors["template_ids"], _mask(sdxl, tensors["template_ids"]), [1, 2])
     with torch.no_grad():
-        cond = attack_text.encode_slots(sdxl, template, prefix)
+        cond = tokens.encode_slots(sdxl, template, prefix)
     saved = load_adversarial(tmp_path / record["embedding"])
     torch.testing.assert_close(saved.hidden_states, cond.hidden_states)  # the judged conditioning is the soft prompt's
     torch.testing.assert_close(saved.added["text_embeds"], cond.added["text_embeds"])
@@ -179,7 +179,7 @@ def test_p4d_gives_one_real_prompt_for_both_encoders(sdxl, erasure, tmp_path, va
                                  {"variant": variant, "tokens": 3, "insert_every": 2, "steps": 2, "check_every": 1})
     assert record["info"]["steps_run"] in (1, 2) and record["adversarial_prompt"]
     ids, template_ids = tensors["token_ids"], tensors["template_ids"]
-    template = attack_text.token_template(sdxl, "" if variant == "N" else PROMPTS[0], prefix=3 if variant == "N" else 0,
+    template = tokens.token_template(sdxl, "" if variant == "N" else PROMPTS[0], prefix=3 if variant == "N" else 0,
                                           insert_every=0 if variant == "N" else 2)
     assert torch.equal(template.input_ids, template_ids) and ids.shape == (len(template.slots),)
     hard = _hard_conditioning(sdxl, template_ids, template.slots, ids)
@@ -193,7 +193,7 @@ def test_textual_inversion_learns_the_token_in_both_encoders_and_resumes(sdxl, e
     written, _, tensors = _attack(sdxl, erasure, "textual-inversion", tmp_path, budget)
     learned = load_file(str(tmp_path / "textual_inversion.safetensors"))
     assert sorted(learned) == ["clip_g", "clip_l"]
-    initial = attack_text.token_embeddings(sdxl, attack_text.word_ids(sdxl, "painting")[0])
+    initial = tokens.token_embeddings(sdxl, tokens.word_ids(sdxl, "painting")[0])
     for k, key in enumerate(["clip_l", "clip_g"]):
         assert learned[key].shape == (TEXT_HIDDEN,)
         assert (learned[key] - initial[k]).abs().max() > 1e-3, key  # learned away from "painting"

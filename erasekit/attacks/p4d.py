@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig
-from erasekit.attacks.text import (
+from erasekit.models.tokens import (
     TokenProjector, candidate_token_ids, encode_ids, encode_slots, random_token_embeddings, template_text,
     token_template,
 )

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig
-from erasekit.attacks.text import candidate_token_ids, encode_ids, template_text, token_template
+from erasekit.models.tokens import candidate_token_ids, encode_ids, template_text, token_template
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import Conditioning
 

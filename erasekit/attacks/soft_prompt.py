@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, add_noise, denoising_target
-from erasekit.attacks.text import (
+from erasekit.models.tokens import (
     TokenProjector, candidate_token_ids, encode_ids, encode_slots, random_token_embeddings, template_text,
     tensors_per_encoder, token_template,
 )

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from erasekit.attacks.base import AdversarialPrompt, Attack, AttackConfig, add_noise, denoising_target
-from erasekit.attacks.text import check_shared_vocabulary, encode_slots, token_embeddings, token_template, word_ids
+from erasekit.models.tokens import check_shared_vocabulary, encode_slots, token_embeddings, token_template, word_ids
 from erasekit.errors import ErasekitError
 from erasekit.models.handle import Conditioning
 from erasekit.training import (

@@ -1,4 +1,4 @@
-"""Text-encoder utilities for token-space attacks: encode with learnable token embeddings, project to tokens.
+"""Text-encoder token utilities: encode with supplied token embeddings, project to tokens (attacks and adversarial training).
 
 An attack that optimises words (UnlearnDiffAtk's prefix, P4D's prompt, Ring-A-Bell's genetic
 search, textual inversion's new token) works on the text encoder's **input** token embeddings:
