@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="erasekit erase --method NAME --help (or erasekit methods NAME) lists the method's config keys and presets")
     _model_arguments(p, erasures=False)
-    p.add_argument("--method", required=True, help="esd, uce, rece, receler or cpe")
+    p.add_argument("--method", required=True, help="esd, uce, rece, receler, cpe or adv (adversarial hardening)")
     p.add_argument("--concept", action="append", required=True, help="a concept to erase (repeat for several)")
     p.add_argument("--preserve", action="append", help="a concept to keep intact (repeat for several)")
     p.add_argument("--kind", default=None, help="what the concepts are: object, artist, person or nudity (on the toy "

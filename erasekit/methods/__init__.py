@@ -32,6 +32,7 @@ METHODS = {
     "rece": "erasekit.methods.rece",
     "receler": "erasekit.methods.receler",
     "cpe": "erasekit.methods.cpe",
+    "adv": "erasekit.methods.adv",
 }
 
 

@@ -1,0 +1,344 @@
+"""Adversarial erasure: ESD-style unlearning against a strong inner attack, with a retention term.
+
+In the spirit of AdvUnlearn (Zhang et al., NeurIPS 2024, Eq. 5-6): a bi-level problem whose upper
+level erases the concept from the prompts an attacker finds and whose lower level is the attacker::
+
+    min_θ  E[ || ε_θ(x_t, c_adv, t) - ε_tgt ||² ] + || ε_θ(x_t, c, t) - ε_tgt ||² + γ E_r || ε_θ(x_r, r, t) - ε_θ*(x_r, r, t) ||²
+    c_adv = argmin_{c'}  || ε_θ(x_t, c', t) - ε_θ*(x_t, c, t) ||²
+
+c is a caption naming the concept (``target.prompts``), x_t its latent after k DDIM steps as in ESD
+(:mod:`erasekit.methods.esd`, whose trainer this one extends: parameter sets, the frozen teacher,
+precision, data parallel and checkpoints are ESD's), r a retained prompt (the target's ``preserve``
+and ``kept``, plus the ``retain_prompts`` list) with x_r sampled from r the same way, γ
+``retain_weight``. ε_tgt is ``target="negative"`` ESD's negative guidance (AdvUnlearn's loss) or
+``"guide"`` the frozen model's prediction for the target's guide (the sibling caption on the toy model).
+
+The attacker (UnlearnDiffAtk's idea with P4D's teacher loss: make the erased model predict what
+the original predicts for the concept) optimises ``attack_tokens`` prefix token embeddings in
+front of c (``attack_space="tokens"``) or an additive perturbation of the conditioning the UNet
+sees, bounded per token by ``conditioning_radius`` times the mean token-state norm
+(``"conditioning"``), or a pool of each (``"both"``). It keeps ``adversaries`` of them per concept,
+each warm-started from its last value (AdvUnlearn's "latest" init), and every ``attack_every``
+iterations runs ``attack_steps`` Adam steps on them and on ``attack_restarts`` fresh random starts,
+keeping the strongest (lowest attack loss). Every kept adversary is trained on in each step.
+
+Deviations from AdvUnlearn, deliberate: its best variant trains the text encoder; here only UNet
+parameter sets train (``parameter_set``, ESD's names), since an erasure's artifact holds UNet deltas;
+the inner attack is stronger (restarts, several adversaries, the conditioning space); the plain
+caption is trained alongside the adversarial ones; retention latents are sampled from the retained
+prompts by the frozen model, not taken from COCO images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from erasekit.erasure import Erasure
+from erasekit.errors import ErasekitError
+from erasekit.methods.esd import ESDConfig, ESDTrainer, canonical_parameter_set, sample_x_t
+from erasekit.models.handle import Conditioning
+from erasekit.models.tokens import candidate_token_ids, encode_slots, random_token_embeddings, token_template
+from erasekit.targets import EraseTarget, guide_prompts, read_list
+from erasekit.training import generator_state, set_generator_state
+
+ATTACK_SPACES = ("tokens", "conditioning", "both")
+TARGETS = ("negative", "guide")
+
+
+@dataclass
+class AdvConfig(ESDConfig):
+    """ESD's settings plus the inner attack and the retention term; defaults follow AdvUnlearn (landscape.md)."""
+
+    target: str = field(default="negative", metadata={
+        "help": "What the concept's prompts are trained towards: negative (ESD's negative guidance, AdvUnlearn) or guide "
+                "(the frozen model's prediction for the target's guide prompt).", "choices": TARGETS})
+    attack_space: str = field(default="tokens", metadata={
+        "help": "Where the inner attack searches: tokens (prefix input embeddings), conditioning (a bounded additive "
+                "perturbation of the UNet's conditioning) or both (a pool of each).", "choices": ATTACK_SPACES})
+    attack_tokens: int = field(default=1, metadata={"help": "Prefix tokens of a token-space adversary.", "min": 1})
+    attack_steps: int = field(default=30, metadata={"help": "Adam steps of the inner attack per attack phase.", "min": 0})
+    attack_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the inner attack.", "gt": 0})
+    attack_every: int = field(default=1, metadata={"help": "Iterations between attack phases.", "min": 1})
+    adversaries: int = field(default=1, metadata={"help": "Adversaries kept per concept and trained on in every step.", "min": 1})
+    attack_restarts: int = field(default=0, metadata={
+        "help": "Fresh random starts optimised in each attack phase beside the kept adversaries (the strongest are kept).",
+        "min": 0})
+    conditioning_radius: float = field(default=0.5, metadata={
+        "help": "Conditioning-space adversaries: largest perturbation per token, relative to the mean token-state norm.",
+        "gt": 0})
+    plain_weight: float = field(default=1.0, metadata={"help": "Weight of the unattacked caption's erasure loss.", "min": 0})
+    retain_weight: float = field(default=0.3, metadata={"help": "γ: weight of the retention loss on kept prompts.", "min": 0})
+    retain_prompts: str = field(default="sentences", metadata={
+        "help": "Generic prompts retained beside the targets' kept ones: a bundled anchor list name or a text file "
+                "(empty: none)."})
+
+
+CONFIG = AdvConfig
+DATA_PARALLEL = True
+
+PRESETS = {
+    "paper": {},
+    # AdvUnlearn's recipe on a UNet subset: its README example (1000 iterations, lr 1e-5, 30 attack steps at 1e-3,
+    # one prefix token, retain weight 0.3), ESD-x's parameters.
+    "advunlearn": {},
+    # SD: what the toy results suggest (a pool of adversaries with restarts; the guide target keeps locality).
+    "sd": {"iterations": 400, "learning_rate": 2e-5, "attack_tokens": 3, "attack_steps": 20, "attack_lr": 1e-2,
+           "adversaries": 2, "attack_restarts": 1, "attack_every": 2, "mixed_precision": "bf16", "sample_with": "frozen"},
+    "toy": {"iterations": 200, "learning_rate": 3e-4, "batch_size": 2, "ddim_steps": 10, "target": "guide",
+            "attack_tokens": 3, "attack_steps": 10, "attack_lr": 1e-2, "adversaries": 2, "attack_restarts": 1,
+            "attack_every": 2, "retain_weight": 1.0, "retain_prompts": "", "sample_with": "frozen"},
+}
+
+
+def _check(config: AdvConfig, targets: list[EraseTarget]) -> None:
+    if config.target not in TARGETS:
+        raise ErasekitError(f"target must be one of {', '.join(TARGETS)}, not {config.target!r}")
+    if config.attack_space not in ATTACK_SPACES:
+        raise ErasekitError(f"attack_space must be one of {', '.join(ATTACK_SPACES)}, not {config.attack_space!r}")
+    if config.attack_tokens < 1 or config.adversaries < 1 or config.attack_every < 1:
+        raise ErasekitError("adv needs attack_tokens, adversaries and attack_every of at least 1")
+    if config.attack_steps < 0 or config.attack_restarts < 0:
+        raise ErasekitError("attack_steps and attack_restarts cannot be negative")
+    if config.attack_lr <= 0 or config.conditioning_radius <= 0:
+        raise ErasekitError("attack_lr and conditioning_radius must be positive")
+    if config.erase_from is not None:
+        raise ErasekitError("adv erases the targets' own prompts; erase_from is ESD's and is not used here")
+    if config.target == "guide" and any(not t.guides for t in targets):
+        raise ErasekitError("target=guide needs a guide for every concept; pass --guide (or --kind), or use target=negative")
+    if any(t.guides and len(t.guides) not in (1, len(t.prompts)) for t in targets):
+        raise ErasekitError("a target has neither one guide nor one per prompt")
+
+
+def _mean_conditioning(conds: Conditioning) -> Conditioning:
+    """The mean over the batch (a generic guide: the average of its prompts' text states), batch 1."""
+    added = None if conds.added is None else {k: v.float().mean(0, keepdim=True).to(v.dtype) for k, v in conds.added.items()}
+    return Conditioning(conds.hidden_states.float().mean(0, keepdim=True).to(conds.hidden_states.dtype), added)
+
+
+class AdvTrainer(ESDTrainer):
+    """One adversarial run: ESD's trainer with the attack phase and the retention loss added to each step."""
+
+    def __init__(self, model, targets: list[EraseTarget], config: AdvConfig):
+        _check(config, targets)
+        super().__init__(model, [t.concept for t in targets], config)
+        self.targets = targets
+        self.attack_generator = torch.Generator().manual_seed(config.seed + 1)
+        self._encoded: dict[str, Conditioning] = {}
+        self.captions = [list(t.prompts) for t in targets]
+        self.guides = [list(t.guides or []) for t in targets]
+        erased = {p for captions in self.captions for p in captions}
+        generic = read_list(config.retain_prompts, "anchors") if config.retain_prompts else []
+        retained = [p for t in targets for p in (*t.preserve, *t.kept)] + generic
+        self.retain = [p for p in dict.fromkeys(retained) if p not in erased] or [""]
+        for prompt in {p for captions in self.captions for p in captions}:
+            model.check_prompt_fits(prompt)
+        self.space_names = {"tokens": ["tokens"], "conditioning": ["conditioning"], "both": ["tokens", "conditioning"]}[config.attack_space]
+        self.candidates = candidate_token_ids(model) if "tokens" in self.space_names else None
+        self.templates: dict[str, object] = {}
+        # each concept's pool of (space, tensors); with attack_space=both the spaces alternate
+        self.pool = [[self.fresh(i, a) for a in range(config.adversaries)] for i in range(len(targets))]
+        self.attack_first, self.attack_last, self.replaced = [], [], 0
+
+    # ------------------------------------------------------------------ conditioning
+    def encoded(self, prompt: str) -> Conditioning:
+        if prompt not in self._encoded:
+            with torch.no_grad():
+                self._encoded[prompt] = self.model.encode([prompt]).detach()
+        return self._encoded[prompt]
+
+    def guide_conditioning(self, index: int, caption: int) -> Conditioning:
+        guides = self.guides[index]
+        guide = guides[caption] if len(guides) > 1 else guides[0]
+        key = "\x00".join(guide_prompts(guide))
+        if key not in self._encoded:
+            with torch.no_grad():
+                self._encoded[key] = _mean_conditioning(self.model.encode(list(guide_prompts(guide)))).detach()
+        return self._encoded[key]
+
+    def template(self, caption: str):
+        if caption not in self.templates:
+            self.templates[caption] = token_template(self.model, caption, prefix=self.config.attack_tokens)
+        return self.templates[caption]
+
+    def fresh(self, index: int, number: int) -> tuple[str, list[torch.Tensor]]:
+        """The ``number``-th new adversary of a concept: random prefix tokens' input embeddings (one tensor per text
+        encoder), or a small random perturbation of the conditioning."""
+        space = self.space_names[number % len(self.space_names)]
+        if space == "tokens":
+            return space, [e.to(self.device) for e in random_token_embeddings(
+                self.model, self.config.attack_tokens, self.candidates, self.attack_generator)]
+        states = self.encoded(self.captions[index][0]).hidden_states
+        start = torch.randn(states.shape[1:], generator=self.attack_generator) * 0.01
+        return space, [start.to(self.device)]
+
+    def adversarial(self, adversaries: list[tuple[str, list[torch.Tensor]]], caption: str) -> Conditioning:
+        """The conditioning of ``caption`` under each adversary (batch = adversaries), differentiable in them."""
+        plain = self.encoded(caption)
+        radius = self.config.conditioning_radius * float(plain.hidden_states.float().norm(dim=-1).mean())
+        conds = []
+        for space, adversary in adversaries:
+            if space == "tokens":
+                conds.append(encode_slots(self.model, self.template(caption), [e.to(self.model.dtype) for e in adversary]))
+            else:
+                delta = adversary[0]
+                norms = delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                delta = delta * (radius / norms).clamp(max=1.0)  # projected onto the radius ball, token by token
+                conds.append(plain.with_hidden_states(plain.hidden_states + delta.unsqueeze(0).to(plain.hidden_states.dtype)))
+        return Conditioning.cat(conds)
+
+    # ------------------------------------------------------------------ one step
+    def teacher(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[Conditioning]) -> list[torch.Tensor]:
+        """The frozen model's predictions at x_t under each conditioning (batch 1 each), without gradients."""
+        batch = x_t.shape[0]
+        with torch.no_grad(), self.frozen(), self.autocast():
+            eps = self.model.predict_noise(torch.cat([x_t] * len(conds)), t.repeat(len(conds)),
+                                           Conditioning.cat([c.repeat(batch) for c in conds]))
+        return list(eps.float().chunk(len(conds)))
+
+    def erase_target(self, x_t, t, index: int, caption: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε_tgt, the frozen model's prediction for the caption itself: the attacker's goal)."""
+        cond = self.encoded(self.captions[index][caption])
+        if self.config.target == "guide":
+            eps_concept, eps_guide = self.teacher(x_t, t, [cond, self.guide_conditioning(index, caption)])
+            return eps_guide, eps_concept
+        eps_concept, eps_empty = self.teacher(x_t, t, [cond, self.uncond])
+        base = eps_concept if self.config.target_base == "concept" else eps_empty
+        return base - self.config.negative_guidance * (eps_concept - eps_empty), eps_concept
+
+    def attack(self, x_t, t, index: int, caption: int, goal: torch.Tensor) -> None:
+        """One attack phase on the current model: the kept adversaries plus fresh restarts, the strongest kept."""
+        config, batch = self.config, x_t.shape[0]
+        text = self.captions[index][caption]
+        kept = len(self.pool[index])
+        phase = len(self.attack_first)  # (restarts alternate the spaces from phase to phase with attack_space=both)
+        pool = self.pool[index] + [self.fresh(index, kept + r + phase) for r in range(config.attack_restarts)]
+        variables = [(space, [e.detach().clone().requires_grad_(True) for e in tensors]) for space, tensors in pool]
+        flat = [e for _, tensors in variables for e in tensors]
+        optimizer = torch.optim.Adam(flat, lr=config.attack_lr)
+        goal = goal.repeat(len(pool), 1, 1, 1)
+        x_many, t_many = x_t.repeat(len(pool), 1, 1, 1), t.repeat(len(pool))
+        losses = torch.zeros(len(pool))
+        for step in range(config.attack_steps + 1):
+            cond = self.adversarial(variables, text).repeat(batch)
+            with self.autocast():
+                prediction = self.model.predict_noise(x_many, t_many, cond).float()
+            per_adversary = (prediction - goal).square().flatten(1).mean(1).view(len(pool), batch).mean(1)
+            losses = torch.tensor(self.parallel.mean(per_adversary.detach().cpu().tolist()))
+            if step == 0:
+                self.attack_first.append(float(losses[:kept].mean()))
+            if step == config.attack_steps:
+                break  # the last evaluation only ranks them
+            optimizer.zero_grad()
+            per_adversary.sum().backward()
+            self.parallel.average_gradients(flat)
+            optimizer.step()
+        self.attack_last.append(float(losses.min()))
+        strongest = sorted(sorted(range(len(pool)), key=lambda a: float(losses[a]))[:config.adversaries])
+        self.replaced += sum(1 for a in strongest if a >= kept)
+        self.pool[index] = [(variables[a][0], [e.detach() for e in variables[a][1]]) for a in strongest]
+
+    def step(self) -> float:
+        config = self.config
+        index, steps, t, noise = self.draw()
+        caption = int(torch.randint(len(self.captions[index]), (1,), generator=self.generator))
+        kept = int(torch.randint(len(self.retain), (1,), generator=self.generator))
+        rows = self.parallel.rows
+        t, noise = t[rows].to(self.device), noise[rows]
+        batch = self.parallel.local_batch
+        cond = self.encoded(self.captions[index][caption])
+        retain = self.encoded(self.retain[kept])
+        sampler = self.frozen() if config.sample_with == "frozen" else contextlib.nullcontext()
+        with torch.no_grad(), sampler, self.autocast():
+            x_t = sample_x_t(self.model, cond.repeat(batch), self.uncond.repeat(batch), steps, noise,
+                             ddim_steps=config.ddim_steps, guidance=config.start_guidance, scheduler=self.scheduler).to(self.dtype)
+        with torch.no_grad(), self.frozen(), self.autocast():
+            x_r = sample_x_t(self.model, retain.repeat(batch), self.uncond.repeat(batch), steps, noise,
+                             ddim_steps=config.ddim_steps, guidance=config.start_guidance, scheduler=self.scheduler).to(self.dtype)
+        target, goal = self.erase_target(x_t, t, index, caption)
+        if config.attack_steps > 0 and self.iteration % config.attack_every == 0:
+            self.attack(x_t, t, index, caption, goal)
+        pool = self.pool[index]
+        adversarial = self.adversarial(pool, self.captions[index][caption]).detach()
+        (retain_goal,) = self.teacher(x_r, t, [retain])
+        conds = Conditioning.cat([cond.repeat(batch), adversarial.repeat(batch), retain.repeat(batch)])
+        weights = torch.tensor([config.plain_weight] + [1.0] * len(pool) + [config.retain_weight], device=self.device)
+        with self.autocast():
+            prediction = self.model.predict_noise(torch.cat([x_t] * (1 + len(pool)) + [x_r]), t.repeat(2 + len(pool)), conds).float()
+        goals = torch.cat([target] * (1 + len(pool)) + [retain_goal])
+        per_part = (prediction - goals).square().flatten(1).mean(1).view(2 + len(pool), batch).mean(1)
+        loss = (weights * per_part).sum()
+        self.precision.step(loss, self.optimizer, sync=lambda: self.parallel.average_gradients(self.parameters.values()))
+        value = self.parallel.mean([float(loss.detach())])[0]
+        self.iteration += 1
+        self.losses.append(value)
+        self.concept_counts[index] += 1
+        return value
+
+    def train(self, progress: bool = True) -> None:
+        from erasekit import training
+
+        training.run(self, "adv", f"adv {', '.join(self.concepts)}", progress, lambda loss: {"loss": f"{loss:.4f}"})
+
+    # ------------------------------------------------------------------ record and resume
+    def summary(self) -> dict:
+        info = super().summary()
+        phases = len(self.attack_first)
+        info.update({
+            "attack_phases": phases, "restarts_kept": self.replaced, "retained_prompts": len(self.retain),
+            # the attacker's loss at the start and the end of the phases: how much it still finds to exploit
+            "attack_loss_first": [round(sum(v) / len(v), 6) for v in (self.attack_first[:10], self.attack_first[-10:]) if v],
+            "attack_loss_last": [round(sum(v) / len(v), 6) for v in (self.attack_last[:10], self.attack_last[-10:]) if v],
+            "targets": [t.describe() for t in self.targets],
+        })
+        return info
+
+    def checkpoint_key(self) -> dict:
+        key = super().checkpoint_key()
+        key.update({"method": "adv", "targets": [dataclasses.asdict(t) for t in self.targets]})
+        return key
+
+    def training_state(self):
+        tensors, state = super().training_state()
+        for i, pool in enumerate(self.pool):
+            for a, (_, adversary) in enumerate(pool):
+                for k, e in enumerate(adversary):
+                    tensors[f"adversary.{i}.{a}.{k}"] = e
+        state.update({"attack_generator": generator_state(self.attack_generator),
+                      "spaces": [[space for space, _ in pool] for pool in self.pool],
+                      "attack_first": self.attack_first, "attack_last": self.attack_last, "replaced": self.replaced})
+        return tensors, state
+
+    def load_state(self, step, tensors, state) -> None:
+        super().load_state(step, tensors, state)
+        for i, pool in enumerate(self.pool):
+            for a in range(len(pool)):
+                space = state["spaces"][i][a]
+                count = len(self.model.text_encoders) if space == "tokens" else 1
+                pool[a] = (space, [tensors[f"adversary.{i}.{a}.{k}"].to(self.device) for k in range(count)])
+        set_generator_state(self.attack_generator, state["attack_generator"])
+        self.attack_first, self.attack_last = list(state["attack_first"]), list(state["attack_last"])
+        self.replaced = int(state["replaced"])
+
+
+def erase(model, targets: list[EraseTarget], config: AdvConfig | None = None, progress: bool = True) -> Erasure:
+    """Erase the targets' concepts by adversarial training (see the module docstring); the model is returned unchanged."""
+    config = config or AdvConfig()
+    if not targets:
+        raise ErasekitError("no concept to erase; pass at least one concept")
+    started = time.time()
+    trainer = AdvTrainer(model, list(targets), config)
+    try:
+        trainer.train(progress=progress)
+        deltas = trainer.deltas()
+        info = trainer.summary()
+    finally:
+        trainer.close()
+    info["seconds"] = round(time.time() - started, 2)
+    info["parameter_set"] = canonical_parameter_set(config.parameter_set)
+    return Erasure.from_deltas(model, "adv", [t.concept for t in targets], dataclasses.asdict(config), deltas=deltas, info=info)

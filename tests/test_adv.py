@@ -1,0 +1,176 @@
+"""Adversarial erasure (adv): the inner attack, the losses, resume, SD/SDXL, and the toy preset (slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import erasekit
+from erasekit import ErasekitError
+from erasekit.methods import adv, build_config
+from erasekit.methods.adv import AdvConfig, AdvTrainer
+from erasekit.models.tokens import encode_slots
+from erasekit.targets import prompt_targets
+from erasekit.toy.targets import resolve_toy_targets
+
+TINY = dict(iterations=2, ddim_steps=2, batch_size=1, learning_rate=1e-3, attack_steps=2, attack_tokens=2, retain_prompts="")
+
+
+@pytest.fixture(scope="module")
+def model(toy_folder):
+    return erasekit.load_model(toy_folder)
+
+
+def unet_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.unet.named_parameters()}
+
+
+def test_only_cross_attention_changes_and_the_model_comes_back_unchanged(model):
+    before = unet_state(model)
+    erasure = adv.erase(model, resolve_toy_targets(["triangle"]), config=AdvConfig(**TINY, target="guide"), progress=False)
+    assert erasure.method == "adv" and erasure.deltas
+    assert all("attn2" in name.split(".") for name in erasure.deltas)
+    assert any(d.abs().max() > 0 for d in erasure.deltas.values())
+    after = unet_state(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not any(p.requires_grad for p in model.unet.parameters())
+    info = erasure.info
+    assert info["attack_phases"] == 2 and info["retained_prompts"] == len(resolve_toy_targets(["triangle"])[0].kept)
+
+
+def test_the_inner_attack_lowers_its_loss_and_keeps_the_strongest(model):
+    """Each phase's adversaries end with a lower attack loss than they start with; restarts compete for the pool."""
+    config = AdvConfig(**{**TINY, "iterations": 1, "attack_steps": 15, "attack_lr": 0.05, "adversaries": 2,
+                          "attack_restarts": 2, "attack_space": "both"}, seed=4)
+    trainer = AdvTrainer(model, resolve_toy_targets(["circle"]), config)
+    try:
+        assert [space for space, _ in trainer.pool[0]] == ["tokens", "conditioning"]
+        trainer.train(progress=False)
+        assert trainer.attack_last[0] < 0.8 * trainer.attack_first[0], (trainer.attack_first, trainer.attack_last)
+        assert len(trainer.pool[0]) == 2
+    finally:
+        trainer.close()
+
+
+def test_conditioning_adversaries_stay_inside_their_radius(model):
+    config = AdvConfig(**TINY, attack_space="conditioning", conditioning_radius=0.1)
+    trainer = AdvTrainer(model, resolve_toy_targets(["square"]), config)
+    try:
+        caption = trainer.captions[0][0]
+        plain = trainer.encoded(caption).hidden_states
+        huge = [("conditioning", [torch.randn(plain.shape[1:]) * 100])]
+        attacked = trainer.adversarial(huge, caption).hidden_states
+        radius = 0.1 * plain.norm(dim=-1).mean()
+        assert float((attacked - plain).norm(dim=-1).max()) <= float(radius) * 1.001
+        # token adversaries are the text encoder run with the prefix embeddings supplied
+        config2 = dataclasses.replace(config, attack_space="tokens")
+        trainer2 = AdvTrainer(model, resolve_toy_targets(["square"]), config2)
+        try:
+            (space, tensors) = trainer2.pool[0][0]
+            expected = encode_slots(model, trainer2.template(caption), tensors).hidden_states
+            torch.testing.assert_close(trainer2.adversarial(trainer2.pool[0], caption).hidden_states, expected)
+        finally:
+            trainer2.close()
+    finally:
+        trainer.close()
+
+
+def test_erase_target_is_the_guide_or_negative_guidance_from_the_frozen_model(model):
+    targets = resolve_toy_targets(["triangle"])
+    trainer = AdvTrainer(model, targets, AdvConfig(**TINY, target="guide"))
+    try:
+        x = torch.randn(model.latent_shape(1), generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([400])
+        guide, concept = trainer.erase_target(x, t, 0, 1)
+        with torch.no_grad():
+            expected_guide = model.predict_noise(x, t, model.encode([targets[0].guides[1]]))
+            expected_concept = model.predict_noise(x, t, model.encode([targets[0].prompts[1]]))
+        torch.testing.assert_close(guide, expected_guide, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(concept, expected_concept, rtol=1e-4, atol=2e-5)
+        trainer.config = dataclasses.replace(trainer.config, target="negative", negative_guidance=2.0)
+        negative, _ = trainer.erase_target(x, t, 0, 1)
+        with torch.no_grad():
+            empty = model.predict_noise(x, t, model.encode([""]))
+        torch.testing.assert_close(negative, empty - 2.0 * (expected_concept - empty), rtol=1e-4, atol=2e-5)
+    finally:
+        trainer.close()
+
+
+def test_checkpoint_and_resume_give_the_uninterrupted_weights(model, tmp_path):
+    base = dict(TINY, iterations=4, seed=5, attack_restarts=1, adversaries=2, attack_space="both")
+    targets = resolve_toy_targets(["heart"])
+    uninterrupted = adv.erase(model, targets, config=AdvConfig(**base), progress=False)
+    folder = tmp_path / "ckpt"
+    adv.erase(model, targets, config=AdvConfig(**{**base, "iterations": 2}, checkpoint_dir=str(folder), checkpoint_every=2),
+              progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["adv-000002.json", "adv-000002.safetensors"]
+    assert json.loads((folder / "adv-000002.json").read_text())["state"]["spaces"]
+    resumed = adv.erase(model, targets, config=AdvConfig(**base, checkpoint_dir=str(folder), checkpoint_every=2, resume=True),
+                        progress=False)
+    for name, delta in uninterrupted.deltas.items():
+        assert torch.equal(resumed.deltas[name], delta), name
+    assert resumed.info["attack_loss_last"] == uninterrupted.info["attack_loss_last"]
+    with pytest.raises(ErasekitError, match="attack_steps"):  # a folder holding another run is refused
+        adv.erase(model, targets, config=AdvConfig(**{**base, "attack_steps": 3}, checkpoint_dir=str(folder), resume=True),
+                  progress=False)
+
+
+def test_clear_errors(model):
+    with pytest.raises(ErasekitError, match="target=guide needs a guide"):
+        adv.erase(model, [dataclasses.replace(prompt_targets(["triangle"])[0], guides=None)],
+                  config=AdvConfig(**TINY, target="guide"), progress=False)
+    for bad in ({"attack_space": "pixels"}, {"target": "sibling"}, {"erase_from": "a shape"}, {"parameter_set": "esd-u"}):
+        with pytest.raises(ErasekitError):
+            adv.erase(model, prompt_targets(["triangle"]), config=AdvConfig(**{**TINY, **bad}), progress=False)
+    with pytest.raises(ErasekitError, match="attack_space"):
+        build_config("adv", "toy", {"attack_space": "pixels"})
+    assert not any(p.requires_grad for p in model.unet.parameters())
+
+
+def test_presets():
+    assert build_config("adv", "paper") == AdvConfig()
+    paper = AdvConfig()
+    # AdvUnlearn's defaults (landscape.md): 1000 iterations, lr 1e-5, 30 attack steps at 1e-3, one prefix token, γ 0.3
+    assert (paper.iterations, paper.learning_rate, paper.attack_steps, paper.attack_lr, paper.attack_tokens, paper.retain_weight) == (
+        1000, 1e-5, 30, 1e-3, 1, 0.3)
+    toy = build_config("adv", "toy")
+    assert toy.target == "guide" and toy.adversaries >= 2 and toy.attack_restarts >= 1
+    assert build_config("adv", "sd").mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("folder", ["tiny_sd_folder", "tiny_sdxl_folder"])
+def test_hardens_sd_and_sdxl(folder, request):
+    """Both inner-attack spaces run on SD and SDXL (two text encoders: one prefix per encoder), and the erasure applies."""
+    pipeline = erasekit.load_model(request.getfixturevalue(folder))
+    config = build_config("adv", "sd", {"iterations": "2", "ddim_steps": "2", "attack_steps": "2", "adversaries": "2",
+                                        "attack_restarts": "0", "attack_space": "both", "retain_prompts": "sentences",
+                                        "attack_every": "1"})
+    erasure = erasekit.erase(pipeline, "adv", ["a red triangle"], config=config, progress=False)
+    assert erasure.deltas and all("attn2" in name.split(".") for name in erasure.deltas)
+    assert erasure.info["retained_prompts"] > 100  # the generic sentences
+    x = torch.randn(pipeline.latent_shape(1), generator=torch.Generator().manual_seed(1))
+    cond = pipeline.encode(["a red triangle"])
+    with torch.no_grad():
+        reference = pipeline.predict_noise(x, torch.tensor([500]), cond)
+        erasure.apply(pipeline)
+        try:
+            assert not torch.allclose(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
+        finally:
+            erasure.remove(pipeline)
+        assert torch.equal(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
+
+
+def test_cli_erases_with_adv(tmp_path, toy_folder, capsys):
+    from erasekit.cli import main
+
+    out = tmp_path / "adv.safetensors"
+    assert main(["erase", "--model", str(toy_folder), "--method", "adv", "--preset", "toy", "--concept", "triangle",
+                 "--set", "iterations=1", "--set", "ddim_steps=2", "--set", "attack_steps=1", "--out", str(out)]) == 0
+    assert erasekit.Erasure.load(out).method == "adv"
+    assert main(["erase", "--model", str(toy_folder), "--method", "adv", "--concept", "triangle", "--set", "attack_space=x",
+                 "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert "attack_space" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
