@@ -2,7 +2,8 @@
 
 On disk an erasure is **one ``.safetensors`` file**. Its tensors are
 
-* ``delta.<parameter>``: a weight delta for a UNet parameter (ESD, UCE, RECE), and/or
+* ``delta.<parameter>``: a weight delta for a UNet parameter (ESD, UCE, RECE, adv) or a text-encoder
+  one (``delta.text_encoder.<parameter>``, ``delta.text_encoder_2.``: adv's ``text-encoder`` set), and/or
 * ``module.<name>``: the state of added modules (Receler's erasers, CPE's gates),
 
 and its header metadata holds one JSON document under the key ``"erasekit"``::
@@ -57,8 +58,8 @@ def parameter_signature(tensor: torch.Tensor) -> list[float]:
 
 
 def model_signature(model, names: list[str]) -> dict[str, dict]:
-    """Signatures of the named UNet parameters, from their original values (before any applied erasure)."""
-    parameters = dict(model.unet.named_parameters())
+    """Signatures of the named parameters (UNet, or ``text_encoder.``), from their original values (before any applied erasure)."""
+    parameters = model.weight_parameters()
     signature = {}
     for name in sorted(names)[:_SIGNATURE_MAX_PARAMETERS]:
         if name not in parameters:
@@ -260,7 +261,7 @@ class Erasure:
         model.applied_erasures[:] = remaining
         if self.modules:
             self._module_handler().detach(model, self)
-        parameters = dict(model.unet.named_parameters())
+        parameters = model.weight_parameters()
         with torch.no_grad():
             for name in self.deltas:
                 original = model.original_parameters[name]
@@ -289,8 +290,8 @@ class Erasure:
                     model.original_parameters[name].add_(scale * delta.to(parameters[name].device, parameters[name].dtype))
 
     def _fitting_parameters(self, model) -> dict[str, torch.nn.Parameter]:
-        """The UNet's parameters, once every delta is known to have one of its shape (checked before any is touched)."""
-        parameters = dict(model.unet.named_parameters())
+        """The model's parameters, once every delta is known to have one of its shape (checked before any is touched)."""
+        parameters = model.weight_parameters()
         for name, delta in self.deltas.items():
             if name not in parameters:
                 raise ErasekitError(f"the model has no parameter {name!r}; this {self.method} erasure was made for another architecture")

@@ -33,7 +33,7 @@ import torch
 
 from erasekit.erasure import Erasure, parameter_signature
 from erasekit.errors import ErasekitError
-from erasekit.models.handle import ModelHandle
+from erasekit.models.handle import TEXT_ENCODER_PREFIXES, ModelHandle
 from erasekit.models.loading import handle_from_pipeline, load_model
 from erasekit.utils import atomic_folder, check_writable, save_safetensors
 
@@ -83,6 +83,11 @@ def check_export(erasures: list[Erasure], format: str, out, rank: int | None = N
     if format == "lora":
         if not any(e.deltas for e in erasures):
             raise ErasekitError("a LoRA holds weight deltas: pass an ESD, UCE or RECE erasure with --erasure")
+        text = sorted({n for e in erasures for n in e.deltas if n.startswith(TEXT_ENCODER_PREFIXES)})
+        if text:
+            raise ErasekitError(
+                f"the erasure changes the text encoder ({text[0]}, ...), and erasekit writes UNet LoRAs only; export "
+                "--format diffusers or single-file (exact)")
         unsupported = sorted({n for e in erasures for n, d in e.deltas.items() if not _lora_shaped(n, d)})
         if unsupported and not approximate:
             raise ErasekitError(
@@ -115,6 +120,9 @@ def export(model, erasures=(), out=None, format: str = "diffusers", *, rank: int
         raise ErasekitError("the model already has erasures applied; pass the base model and list every erasure to export")
     if format == "single-file" and model.kind == "toy":
         raise ErasekitError("the toy model has no single-file layout; export it with --format diffusers")
+    if model.kind == "toy" and any(n.startswith(TEXT_ENCODER_PREFIXES) for e in erasures for n in e.deltas):
+        raise ErasekitError("a toy model folder holds the UNet only (its text encoder is the packaged MiniLM), so an erasure "
+                            "that changes the text encoder cannot be exported with it; apply the erasure file instead")
     applied = []
     try:
         for erasure in erasures:
@@ -181,7 +189,7 @@ def _write_diffusers(model, erasures: list[Erasure], out: Path) -> ExportResult:
 
 def _resigned(erasure: Erasure, model, out: Path) -> Erasure:
     """The erasure with the exported weights as its base (they include the merged deltas, so the base check passes)."""
-    parameters = dict(model.unet.named_parameters())
+    parameters = model.weight_parameters()
     signature = {name: {"shape": list(parameters[name].shape), "values": parameter_signature(parameters[name])}
                  for name in erasure.base_signature if name in parameters}
     return dataclasses.replace(erasure, base_model=str(out), base_signature=signature)

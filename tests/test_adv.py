@@ -174,3 +174,50 @@ def test_cli_erases_with_adv(tmp_path, toy_folder, capsys):
                  "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert "attack_space" in capsys.readouterr().err
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_text_encoder_set_changes_the_text_encoder_only_and_comes_off_exactly(model, tmp_path):
+    """AdvUnlearn's choice: the text encoder's layers train; the erasure file names them text_encoder.<name>."""
+    from erasekit.export import export
+
+    unet_before = unet_state(model)
+    prompt = "a red triangle on a plain background"
+    reference = model.encode([prompt]).hidden_states.detach().clone()
+    erasure = adv.erase(model, resolve_toy_targets(["triangle"]), config=AdvConfig(**TINY, parameter_set="text-encoder"),
+                        progress=False)
+    assert erasure.deltas and all(n.startswith("text_encoder.") and ".embeddings." not in n for n in erasure.deltas)
+    assert erasure.info["parameter_set"] == "text-encoder"
+    assert all(torch.equal(unet_before[n], p) for n, p in model.unet.named_parameters())
+    assert torch.equal(model.encode([prompt]).hidden_states, reference)  # handed back unchanged
+    path = erasure.save(tmp_path / "te.safetensors")
+    loaded = erasekit.Erasure.load(path)
+    loaded.apply(model)
+    try:
+        assert not torch.allclose(model.encode([prompt]).hidden_states, reference)
+    finally:
+        loaded.remove(model)
+    assert torch.equal(model.encode([prompt]).hidden_states, reference)
+    with pytest.raises(ErasekitError, match="UNet LoRAs only"):
+        export(model, [loaded], tmp_path / "te-lora.safetensors", format="lora")
+    with pytest.raises(ErasekitError, match="toy model folder holds the UNet only"):
+        export(model, [loaded], tmp_path / "te-folder", format="diffusers")
+    assert not (tmp_path / "te-folder").exists() and not model.applied_erasures
+
+
+def test_text_encoder_set_on_sdxl_trains_both_encoders_and_exports_them(tiny_sdxl_folder, tmp_path):
+    from erasekit.export import export
+
+    pipeline = erasekit.load_model(tiny_sdxl_folder)
+    config = AdvConfig(**{**TINY, "iterations": 1}, parameter_set="text-encoder", attack_space="both", adversaries=2)
+    erasure = erasekit.erase(pipeline, "adv", ["a red triangle"], config=config, progress=False)
+    assert {n.split(".")[0] for n in erasure.deltas} == {"text_encoder", "text_encoder_2"}
+    result = export(pipeline, [erasure], tmp_path / "hardened", format="diffusers")
+    exported = erasekit.load_model(result.path)
+    erasure.apply(pipeline)
+    try:
+        expected = pipeline.encode(["a red triangle"])
+        got = exported.encode(["a red triangle"])
+        torch.testing.assert_close(got.hidden_states, expected.hidden_states, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.added["text_embeds"], expected.added["text_embeds"], rtol=1e-5, atol=1e-5)
+    finally:
+        erasure.remove(pipeline)

@@ -41,13 +41,16 @@ import torch.nn.functional as F
 
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
-from erasekit.methods.esd import ESDConfig, ESDTrainer, canonical_parameter_set, sample_x_t
-from erasekit.models.handle import Conditioning
+from erasekit.methods.esd import (
+    PARAMETER_SET_ALIASES, PARAMETER_SETS, ESDConfig, ESDTrainer, _check_config, canonical_parameter_set, sample_x_t,
+)
+from erasekit.models.handle import TEXT_ENCODER_PREFIXES, Conditioning
 from erasekit.models.tokens import candidate_token_ids, encode_slots, random_token_embeddings, token_template
 from erasekit.targets import EraseTarget, guide_prompts, read_list
 from erasekit.training import generator_state, set_generator_state
 
 ATTACK_SPACES = ("tokens", "conditioning", "both")
+TEXT_SET = "text-encoder"
 TARGETS = ("negative", "guide")
 
 
@@ -55,6 +58,10 @@ TARGETS = ("negative", "guide")
 class AdvConfig(ESDConfig):
     """ESD's settings plus the inner attack and the retention term; defaults follow AdvUnlearn (landscape.md)."""
 
+    parameter_set: str = field(default="xattn", metadata={
+        "help": "What trains: ESD's UNet sets (xattn, noxattn, noxattn-linear, full, selfattn, xattn-strict) or "
+                "text-encoder (every text-encoder layer after the token and position embeddings, AdvUnlearn's choice).",
+        "choices": (*PARAMETER_SETS, *PARAMETER_SET_ALIASES, "text-encoder")})
     target: str = field(default="negative", metadata={
         "help": "What the concept's prompts are trained towards: negative (ESD's negative guidance, AdvUnlearn) or guide "
                 "(the frozen model's prediction for the target's guide prompt).", "choices": TARGETS})
@@ -128,6 +135,7 @@ class AdvTrainer(ESDTrainer):
         _check(config, targets)
         super().__init__(model, [t.concept for t in targets], config)
         self.targets = targets
+        self.trains_text = self.config.parameter_set == TEXT_SET
         self.attack_generator = torch.Generator().manual_seed(config.seed + 1)
         self._encoded: dict[str, Conditioning] = {}
         self.captions = [list(t.prompts) for t in targets]
@@ -145,19 +153,40 @@ class AdvTrainer(ESDTrainer):
         self.pool = [[self.fresh(i, a) for a in range(config.adversaries)] for i in range(len(targets))]
         self.attack_first, self.attack_last, self.replaced = [], [], 0
 
+    # ------------------------------------------------------------------ what trains
+    def check_config(self, config) -> None:
+        _check_config(dataclasses.replace(config, parameter_set="xattn") if config.parameter_set == TEXT_SET else config)
+
+    def candidate_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return self.model.weight_parameters()  # the UNet's and the text encoders' (text_encoder.<name>)
+
+    def select_parameter_names(self) -> list[str]:
+        if self.config.parameter_set == TEXT_SET:  # the token and position tables stay: soft prompts bypass them anyway
+            return [name for name in self.model.weight_parameters()
+                    if name.startswith(TEXT_ENCODER_PREFIXES) and ".embeddings." not in name]
+        return super().select_parameter_names()
+
+    def parameter_set_name(self) -> str:
+        return TEXT_SET if self.config.parameter_set == TEXT_SET else super().parameter_set_name()
+
     # ------------------------------------------------------------------ conditioning
     def encoded(self, prompt: str) -> Conditioning:
+        """The original model's conditioning of ``prompt`` (the frozen text encoder's), cached."""
         if prompt not in self._encoded:
-            with torch.no_grad():
+            with torch.no_grad(), self.frozen():
                 self._encoded[prompt] = self.model.encode([prompt]).detach()
         return self._encoded[prompt]
+
+    def live(self, prompt: str) -> Conditioning:
+        """The conditioning the trained model sees: through the trained text encoder (with gradients) when it trains."""
+        return self.model.encode([prompt]) if self.trains_text else self.encoded(prompt)
 
     def guide_conditioning(self, index: int, caption: int) -> Conditioning:
         guides = self.guides[index]
         guide = guides[caption] if len(guides) > 1 else guides[0]
         key = "\x00".join(guide_prompts(guide))
         if key not in self._encoded:
-            with torch.no_grad():
+            with torch.no_grad(), self.frozen():
                 self._encoded[key] = _mean_conditioning(self.model.encode(list(guide_prompts(guide)))).detach()
         return self._encoded[key]
 
@@ -179,8 +208,8 @@ class AdvTrainer(ESDTrainer):
 
     def adversarial(self, adversaries: list[tuple[str, list[torch.Tensor]]], caption: str) -> Conditioning:
         """The conditioning of ``caption`` under each adversary (batch = adversaries), differentiable in them."""
-        plain = self.encoded(caption)
-        radius = self.config.conditioning_radius * float(plain.hidden_states.float().norm(dim=-1).mean())
+        plain = self.live(caption)
+        radius = self.config.conditioning_radius * float(self.encoded(caption).hidden_states.float().norm(dim=-1).mean())
         conds = []
         for space, adversary in adversaries:
             if space == "tokens":
@@ -235,7 +264,7 @@ class AdvTrainer(ESDTrainer):
             if step == config.attack_steps:
                 break  # the last evaluation only ranks them
             optimizer.zero_grad()
-            per_adversary.sum().backward()
+            per_adversary.sum().backward(inputs=flat)  # (the trained weights' gradients are the outer step's)
             self.parallel.average_gradients(flat)
             optimizer.step()
         self.attack_last.append(float(losses.min()))
@@ -251,22 +280,22 @@ class AdvTrainer(ESDTrainer):
         rows = self.parallel.rows
         t, noise = t[rows].to(self.device), noise[rows]
         batch = self.parallel.local_batch
-        cond = self.encoded(self.captions[index][caption])
-        retain = self.encoded(self.retain[kept])
+        text, retained = self.captions[index][caption], self.retain[kept]
         sampler = self.frozen() if config.sample_with == "frozen" else contextlib.nullcontext()
         with torch.no_grad(), sampler, self.autocast():
-            x_t = sample_x_t(self.model, cond.repeat(batch), self.uncond.repeat(batch), steps, noise,
+            x_t = sample_x_t(self.model, self.live(text).repeat(batch), self.live("").repeat(batch), steps, noise,
                              ddim_steps=config.ddim_steps, guidance=config.start_guidance, scheduler=self.scheduler).to(self.dtype)
         with torch.no_grad(), self.frozen(), self.autocast():
-            x_r = sample_x_t(self.model, retain.repeat(batch), self.uncond.repeat(batch), steps, noise,
+            x_r = sample_x_t(self.model, self.encoded(retained).repeat(batch), self.uncond.repeat(batch), steps, noise,
                              ddim_steps=config.ddim_steps, guidance=config.start_guidance, scheduler=self.scheduler).to(self.dtype)
         target, goal = self.erase_target(x_t, t, index, caption)
         if config.attack_steps > 0 and self.iteration % config.attack_every == 0:
             self.attack(x_t, t, index, caption, goal)
         pool = self.pool[index]
-        adversarial = self.adversarial(pool, self.captions[index][caption]).detach()
-        (retain_goal,) = self.teacher(x_r, t, [retain])
-        conds = Conditioning.cat([cond.repeat(batch), adversarial.repeat(batch), retain.repeat(batch)])
+        (retain_goal,) = self.teacher(x_r, t, [self.encoded(retained)])
+        # the trained model's side, through the trained text encoder when it trains
+        conds = Conditioning.cat([self.live(text).repeat(batch), self.adversarial(pool, text).repeat(batch),
+                                  self.live(retained).repeat(batch)])
         weights = torch.tensor([config.plain_weight] + [1.0] * len(pool) + [config.retain_weight], device=self.device)
         with self.autocast():
             prediction = self.model.predict_noise(torch.cat([x_t] * (1 + len(pool)) + [x_r]), t.repeat(2 + len(pool)), conds).float()
@@ -340,5 +369,4 @@ def erase(model, targets: list[EraseTarget], config: AdvConfig | None = None, pr
     finally:
         trainer.close()
     info["seconds"] = round(time.time() - started, 2)
-    info["parameter_set"] = canonical_parameter_set(config.parameter_set)
     return Erasure.from_deltas(model, "adv", [t.concept for t in targets], dataclasses.asdict(config), deltas=deltas, info=info)

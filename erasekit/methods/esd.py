@@ -329,14 +329,15 @@ class ESDTrainer:
     """
 
     def __init__(self, model, concepts: list[str], config: ESDConfig):
-        _check_config(config)
+        self.check_config(config)
         if not concepts:
             raise ErasekitError("no concept to erase; pass at least one concept")
         self.model, self.concepts, self.config = model, concepts, config
         self.dtype = model.dtype  # before the trained subset may be upcast
         self.device = model.device
         unet = model.unet
-        self.parameter_names = select_parameters(unet, config.parameter_set)
+        parameters = self.candidate_parameters()
+        self.parameter_names = self.select_parameter_names()
 
         # precision: float32 master weights for the trained subset, autocast for half precision
         self.precision = Precision(config.mixed_precision, self.device, self.dtype)
@@ -357,14 +358,15 @@ class ESDTrainer:
 
         # the trained subset: its original tensors are set aside (the frozen teacher), the
         # parameters get float32 copies; the rest of the UNet is shared by both and never changes
-        parameters = dict(unet.named_parameters())
         self.parameters = {name: parameters[name] for name in self.parameter_names}
         self.frozen_values: dict[str, torch.Tensor] = {}
+        self._candidates = parameters
         self._requires_grad = {name: p.requires_grad for name, p in parameters.items()}
         self._restore_checkpointing = lambda: None
         self._closed = False
         try:
-            unet.requires_grad_(False)
+            for parameter in parameters.values():
+                parameter.requires_grad_(False)
             with torch.no_grad():
                 for name, parameter in self.parameters.items():
                     self.frozen_values[name] = parameter.data
@@ -375,6 +377,20 @@ class ESDTrainer:
         except BaseException:
             self.close()
             raise
+
+    # ------------------------------------------------------- what trains (a subclass may widen it)
+    def check_config(self, config) -> None:
+        _check_config(config)
+
+    def candidate_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters a parameter set may pick from, by their names in the erasure: the UNet's."""
+        return dict(self.model.unet.named_parameters())
+
+    def select_parameter_names(self) -> list[str]:
+        return select_parameters(self.model.unet, self.config.parameter_set)
+
+    def parameter_set_name(self) -> str:
+        return canonical_parameter_set(self.config.parameter_set)
 
     # --------------------------------------------------------------- the frozen model
     @contextlib.contextmanager
@@ -478,12 +494,11 @@ class ESDTrainer:
         if self._closed:
             return
         self._closed = True
-        unet = self.model.unet
         with torch.no_grad():
             for name, value in self.frozen_values.items():
                 self.parameters[name].data = value
                 self.parameters[name].grad = None
-        for name, parameter in unet.named_parameters():
+        for name, parameter in self._candidates.items():
             parameter.requires_grad_(self._requires_grad.get(name, False))
         self._restore_checkpointing()
         if hasattr(self, "optimizer"):
@@ -496,7 +511,7 @@ class ESDTrainer:
                  for i in range(0, len(self.losses), window)]
         return {
             "iterations": self.iteration,
-            "parameter_set": canonical_parameter_set(self.config.parameter_set),
+            "parameter_set": self.parameter_set_name(),
             "trained_parameters": sum(p.numel() for p in self.parameters.values()),
             "trained_tensors": len(self.parameters),
             "loss_curve": curve,

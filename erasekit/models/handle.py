@@ -74,6 +74,10 @@ class Conditioning:
         return Conditioning(self.hidden_states.detach(), added)
 
 
+# how an erasure names text-encoder parameters: diffusers' component names, encoder by encoder
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
+
+
 @dataclass
 class ModelHandle:
     """A loaded text-to-image model. Build it with :func:`erasekit.load_model`."""
@@ -237,6 +241,19 @@ class ModelHandle:
         time_ids = torch.tensor([[side, side, 0, 0, side, side]], device=self.device).repeat(len(prompts), 1)
         added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
         return Conditioning(hidden.to(self.dtype), added)
+
+    # ------------------------------------------------------------ weights an erasure may change
+    def weight_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Every parameter a weight-delta erasure may change, by its name in an erasure file.
+
+        The UNet's under their own names (as every erasure has always named them), the text encoders'
+        under their diffusers component names: ``text_encoder.<name>`` and, on SDXL, ``text_encoder_2.<name>``.
+        """
+        parameters = dict(self.unet.named_parameters())
+        for index, encoder in enumerate(self.text_encoders):
+            prefix = TEXT_ENCODER_PREFIXES[index]
+            parameters.update({f"{prefix}{name}": parameter for name, parameter in encoder.named_parameters()})
+        return parameters
 
     # ------------------------------------------------------------ UNet side
     def cross_attention_layers(self) -> dict[str, torch.nn.Module]:
