@@ -37,12 +37,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
 from erasekit.methods.esd import (
-    PARAMETER_SET_ALIASES, PARAMETER_SETS, ESDConfig, ESDTrainer, _check_config, canonical_parameter_set, sample_x_t,
+    PARAMETER_SET_ALIASES, PARAMETER_SETS, ESDConfig, ESDTrainer, _check_config, sample_x_t,
 )
 from erasekit.models.handle import TEXT_ENCODER_PREFIXES, Conditioning
 from erasekit.models.tokens import candidate_token_ids, encode_slots, random_token_embeddings, token_template
