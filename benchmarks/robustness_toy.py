@@ -60,10 +60,10 @@ VARIANTS = {
     "receler": ("receler", "toy", {}),
     "cpe": ("cpe", "toy", {}),
     "adv": ("adv", "toy", {}),
-    "adv-xattn": ("adv", "toy", {"parameter_set": "xattn", "learning_rate": 3e-4, "retain_weight": 1.0}),
+    "adv-noxattn": ("adv", "toy", {"parameter_set": "noxattn", "learning_rate": 3e-5, "retain_weight": 3.0}),
     "adv-text-encoder": ("adv", "toy", {"parameter_set": "text-encoder", "learning_rate": 1e-6}),
 }
-DEFAULT_VARIANTS = ("uce", "esd", "receler", "adv", "adv-xattn")
+DEFAULT_VARIANTS = ("uce", "esd", "receler", "adv")
 SHAPES = list(world.SHAPES)
 # attack -> budget (bench_default.toml's with 4 prompts x 4 images; soft-prompt at the 100 steps)
 ATTACK_BUDGETS = {
