@@ -132,6 +132,8 @@ def _mean_conditioning(conds: Conditioning) -> Conditioning:
 class AdvTrainer(ESDTrainer):
     """One adversarial run: ESD's trainer with the attack phase and the retention loss added to each step."""
 
+    name = "adv"
+
     def __init__(self, model, targets: list[EraseTarget], config: AdvConfig):
         _check(config, targets)
         super().__init__(model, [t.concept for t in targets], config)
@@ -309,11 +311,6 @@ class AdvTrainer(ESDTrainer):
         self.losses.append(value)
         self.concept_counts[index] += 1
         return value
-
-    def train(self, progress: bool = True) -> None:
-        from erasekit import training
-
-        training.run(self, "adv", f"adv {', '.join(self.concepts)}", progress, lambda loss: {"loss": f"{loss:.4f}"})
 
     # ------------------------------------------------------------------ record and resume
     def summary(self) -> dict:

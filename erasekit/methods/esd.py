@@ -328,6 +328,8 @@ class ESDTrainer:
     :func:`erase` drives it; tests and notebooks can call ``step``/``train_step`` directly.
     """
 
+    name = "esd"  # of the checkpoints and the progress bar
+
     def __init__(self, model, concepts: list[str], config: ESDConfig):
         self.check_config(config)
         if not concepts:
@@ -479,7 +481,7 @@ class ESDTrainer:
 
     def train(self, progress: bool = True) -> None:
         """Run (or continue) to ``config.iterations``, checkpointing on the way if asked (:func:`erasekit.training.run`)."""
-        training.run(self, "esd", f"ESD {', '.join(self.concepts)}", progress, lambda loss: {"loss": f"{loss:.4f}"})
+        training.run(self, self.name, f"{self.name} {', '.join(self.concepts)}", progress, lambda loss: {"loss": f"{loss:.4f}"})
 
     # ------------------------------------------------------------------- the result
     def deltas(self) -> dict[str, torch.Tensor]:
