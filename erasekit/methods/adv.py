@@ -61,6 +61,8 @@ class AdvConfig(ESDConfig):
         "help": "What trains: ESD's UNet sets (xattn, noxattn, noxattn-linear, full, selfattn, xattn-strict) or "
                 "text-encoder (every text-encoder layer after the token and position embeddings, AdvUnlearn's choice).",
         "choices": (*PARAMETER_SETS, *PARAMETER_SET_ALIASES, "text-encoder")})
+    erase_from: str | None = field(default=None, metadata={
+        "help": "ESD's; not used by adv, which erases the targets' own prompts (set, it is refused)."})
     target: str = field(default="negative", metadata={
         "help": "What the concept's prompts are trained towards: negative (ESD's negative guidance, AdvUnlearn) or guide "
                 "(the frozen model's prediction for the target's guide prompt).", "choices": TARGETS})
