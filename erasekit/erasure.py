@@ -119,7 +119,7 @@ class Erasure:
     # -------------------------------------------------------------- creation
     @classmethod
     def from_deltas(cls, model, method: str, concepts: list[str], config: dict, deltas: dict[str, torch.Tensor], info=None) -> "Erasure":
-        """An erasure of weight deltas for named UNet parameters (stored in float32, on the CPU)."""
+        """An erasure of weight deltas for named parameters (:meth:`ModelHandle.weight_parameters`; float32, on the CPU)."""
         deltas = {name: d.detach().float().cpu().contiguous() for name, d in deltas.items()}
         return cls(
             method=method, concepts=list(concepts), base_model=model.name, config=dict(config), deltas=deltas,

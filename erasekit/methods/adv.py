@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +40,7 @@ import torch
 from erasekit.erasure import Erasure
 from erasekit.errors import ErasekitError
 from erasekit.methods.esd import (
-    PARAMETER_SET_ALIASES, PARAMETER_SETS, ESDConfig, ESDTrainer, _check_config, sample_x_t,
+    PARAMETER_SET_ALIASES, PARAMETER_SETS, ESDConfig, ESDTrainer, sample_x_t, train_erasure,
 )
 from erasekit.models.handle import TEXT_ENCODER_PREFIXES, Conditioning
 from erasekit.models.tokens import candidate_token_ids, encode_slots, random_token_embeddings, token_template
@@ -159,9 +158,6 @@ class AdvTrainer(ESDTrainer):
         self.attack_first, self.attack_last, self.replaced = [], [], 0
 
     # ------------------------------------------------------------------ what trains
-    def check_config(self, config) -> None:
-        _check_config(dataclasses.replace(config, parameter_set="xattn") if config.parameter_set == TEXT_SET else config)
-
     def candidate_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self.model.weight_parameters()  # the UNet's and the text encoders' (text_encoder.<name>)
 
@@ -360,13 +356,4 @@ def erase(model, targets: list[EraseTarget], config: AdvConfig | None = None, pr
     config = config or AdvConfig()
     if not targets:
         raise ErasekitError("no concept to erase; pass at least one concept")
-    started = time.time()
-    trainer = AdvTrainer(model, list(targets), config)
-    try:
-        trainer.train(progress=progress)
-        deltas = trainer.deltas()
-        info = trainer.summary()
-    finally:
-        trainer.close()
-    info["seconds"] = round(time.time() - started, 2)
-    return Erasure.from_deltas(model, "adv", [t.concept for t in targets], dataclasses.asdict(config), deltas=deltas, info=info)
+    return train_erasure(AdvTrainer, model, list(targets), config, progress)

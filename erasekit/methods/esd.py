@@ -317,7 +317,7 @@ def _check_config(config: ESDConfig) -> None:
     if config.timestep_coupling not in TIMESTEP_COUPLINGS:
         raise ErasekitError(
             f"timestep_coupling must be one of {', '.join(TIMESTEP_COUPLINGS)}, not {config.timestep_coupling!r}")
-    canonical_parameter_set(config.parameter_set)
+    # (parameter_set is checked where it is resolved, ESDTrainer.select_parameter_names, before anything changes)
 
 
 class ESDTrainer:
@@ -565,8 +565,13 @@ def erase(model, targets: list[EraseTarget], config: ESDConfig | None = None, pr
             "ESD has no preserve term (its loss only pushes the erased concept away); drop the preserve prompts, "
             "or use a method that preserves (uce, rece)"
         )
+    return train_erasure(ESDTrainer, model, concepts, config, progress)
+
+
+def train_erasure(trainer_class, model, what, config, progress: bool = True) -> Erasure:
+    """Build a trainer on ``what`` (ESD: concepts; adv: targets), run it and hand the model back: the erasure of its deltas."""
     started = time.time()
-    trainer = ESDTrainer(model, concepts, config)
+    trainer = trainer_class(model, what, config)
     try:
         trainer.train(progress=progress)
         deltas = trainer.deltas()
@@ -574,4 +579,4 @@ def erase(model, targets: list[EraseTarget], config: ESDConfig | None = None, pr
     finally:
         trainer.close()
     info["seconds"] = round(time.time() - started, 2)
-    return Erasure.from_deltas(model, "esd", concepts, dataclasses.asdict(config), deltas=deltas, info=info)
+    return Erasure.from_deltas(model, trainer.name, trainer.concepts, dataclasses.asdict(config), deltas=deltas, info=info)
