@@ -50,7 +50,7 @@ from erasekit.toy import world  # noqa: E402
 from erasekit.toy.targets import resolve_toy_targets  # noqa: E402
 from erasekit.training import weights_digest  # noqa: E402
 from erasekit.utils import write_json, write_text  # noqa: E402
-from sweep_toy import measure  # noqa: E402
+from sweep_toy import finished_cell, measure  # noqa: E402
 
 # label -> (method, preset, overrides)
 VARIANTS = {
@@ -118,13 +118,9 @@ def attack_record(model, erasure, shape: str, attack: str, seeds: list[int]) -> 
 def run_cell(model, label: str, shape: str, protocol, args, weights: str) -> dict:
     path = Path(args.out) / "cells" / f"{label}-{shape}.json"
     key = cell_key(label, shape, protocol, args, weights)
-    if path.is_file():
-        cell = json.loads(path.read_text())
-        if cell.get("key") == key:
-            return cell
-        if not args.overwrite:
-            raise ErasekitError(f"{path} was made with other settings (variant, protocol, budgets, model or erasekit); "
-                                "pass --overwrite to make it again, or choose another --out")
+    cell = finished_cell(path, key, args.overwrite)
+    if cell is not None:
+        return cell
     torch.manual_seed(args.erase_seed)
     erasure, seconds = None, 0.0
     if label != "original":

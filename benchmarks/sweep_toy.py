@@ -82,18 +82,27 @@ def measure(model, concept: str, protocol) -> dict:
     }
 
 
+def finished_cell(path: Path, key: str, overwrite: bool) -> dict | None:
+    """The cell at ``path`` if it was made with ``key``; None if it is to be made; a cell of other settings is refused."""
+    if not path.is_file():
+        return None
+    cell = json.loads(path.read_text())
+    if cell.get("key") == key:
+        return cell
+    if not overwrite:
+        raise ErasekitError(f"{path} was made with other settings (another preset or variant, protocol, budgets, model or "
+                            "erasekit); pass --overwrite to make it again, or choose another --out")
+    return None
+
+
 def run_cell(model, method: str, concept: str, protocol, args, weights: str) -> dict:
     path = Path(args.out) / "cells" / f"{method}-{concept}.json"
     kind = world.parse_concept(concept)[0]  # (the preset's layer for the concept's kind, if it has one)
     config = None if method == "original" else asdict(build_config(method, args.preset, {}, kind=kind))
     key = cell_key(method, config, concept, protocol, weights)
-    if path.is_file():
-        cell = json.loads(path.read_text())
-        if cell.get("key") == key:
-            return cell
-        if not args.overwrite:
-            raise ErasekitError(f"{path} was made with other settings (another preset, protocol, model or erasekit); "
-                                "pass --overwrite to make it again, or choose another --out")
+    cell = finished_cell(path, key, args.overwrite)
+    if cell is not None:
+        return cell
     torch.manual_seed(args.erase_seed)
     seconds, erasure = 0.0, None
     if method != "original":

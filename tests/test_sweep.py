@@ -57,3 +57,37 @@ def test_sweep_refuses_unknown_names_before_any_work(tmp_path, capsys):
     assert sweep_toy.main(["--methods", "nope", "--out", str(tmp_path / "s")]) == 2
     assert sweep_toy.main(["--concepts", "trianglee", "--out", str(tmp_path / "s")]) == 2
     assert not (tmp_path / "s").exists()
+
+
+def test_robustness_benchmark_counts_every_attack_resumes_and_refuses_other_settings(tmp_path, capsys, monkeypatch):
+    import robustness_toy
+
+    tiny = {name: {**budget, "prompts": 1, "samples": 2} for name, budget in robustness_toy.ATTACK_BUDGETS.items()}
+    for name, steps in (("soft-prompt", {"steps": 2, "timesteps": 1}), ("p4d", {"steps": 2}),
+                        ("ring-a-bell", {"population": 4, "generations": 1}), ("textual-inversion", {"steps": 1, "images": 1})):
+        tiny[name].update(steps)
+    monkeypatch.setattr(robustness_toy, "ATTACK_BUDGETS", tiny)
+    out = tmp_path / "robust"
+    args = ["--variants", "uce", "--shapes", "triangle", "--samples", "1", "--prompts-per-concept", "2",
+            "--prompts-per-other", "1", "--attack-seeds", "3", "--out", str(out)]
+    assert robustness_toy.main(args) == 0
+    result = json.loads((out / "robustness.json").read_text())
+    cells = {(c["variant"], c["shape"]): c for c in result["cells"]}
+    assert set(cells) == {("original", "triangle"), ("uce", "triangle")}
+    for attack, record in cells[("uce", "triangle")]["attacks"].items():
+        assert record["n"] == 2 and record["ci95"][0] <= record["rate"] <= record["ci95"][1], attack  # 1 prompt x 2 images
+    summary = result["summary"]["uce"]
+    assert summary["shapes"] == 1 and summary["erased_worst"][1] == "triangle"
+    assert result["front"] == ["uce"] and (out / "front.svg").read_text().startswith("<svg")
+    import erasekit
+
+    monkeypatch.setattr(erasekit, "erase", lambda *a, **k: pytest.fail("remade a finished cell"))
+    assert robustness_toy.main(args) == 0
+    capsys.readouterr()
+    before = (out / "cells" / "uce-triangle.json").read_text()
+    assert robustness_toy.main(args + ["--attack-seeds", "4"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert (out / "cells" / "uce-triangle.json").read_text() == before
+    assert robustness_toy.main(["--variants", "magic", "--out", str(tmp_path / "r")]) == 2
+    assert robustness_toy.main(["--shapes", "red", "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
