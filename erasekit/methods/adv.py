@@ -209,13 +209,15 @@ class AdvTrainer(ESDTrainer):
 
     def adversarial(self, adversaries: list[tuple[str, list[torch.Tensor]]], caption: str) -> Conditioning:
         """The conditioning of ``caption`` under each adversary (batch = adversaries), differentiable in them."""
-        plain = self.live(caption)
-        radius = self.config.conditioning_radius * float(self.encoded(caption).hidden_states.float().norm(dim=-1).mean())
+        plain = radius = None  # (only conditioning-space adversaries need them)
         conds = []
         for space, adversary in adversaries:
             if space == "tokens":
                 conds.append(encode_slots(self.model, self.template(caption), [e.to(self.model.dtype) for e in adversary]))
             else:
+                if plain is None:
+                    plain = self.live(caption)
+                    radius = self.config.conditioning_radius * float(self.encoded(caption).hidden_states.float().norm(dim=-1).mean())
                 delta = adversary[0]
                 norms = delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 delta = delta * (radius / norms).clamp(max=1.0)  # projected onto the radius ball, token by token
