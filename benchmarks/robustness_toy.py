@@ -46,8 +46,10 @@ from erasekit.errors import ErasekitError  # noqa: E402
 from erasekit.eval.protocols import get_protocol  # noqa: E402
 from erasekit.eval.stats import rate_record  # noqa: E402
 from erasekit.methods import build_config  # noqa: E402
+from erasekit.models.toy import BUNDLED_TOY_DIR, TOY_MARKER  # noqa: E402
 from erasekit.toy import world  # noqa: E402
 from erasekit.toy.targets import resolve_toy_targets  # noqa: E402
+from erasekit.toy.train import ToyTrainConfig, train_toy_model  # noqa: E402
 from erasekit.training import weights_digest  # noqa: E402
 from erasekit.utils import write_json, write_text  # noqa: E402
 from sweep_toy import finished_cell, measure  # noqa: E402
@@ -63,6 +65,9 @@ VARIANTS = {
     "adv-noxattn": ("adv", "toy", {"parameter_set": "noxattn", "learning_rate": 3e-5, "retain_weight": 3.0}),
     "adv-text-encoder": ("adv", "toy", {"parameter_set": "text-encoder", "learning_rate": 1e-6}),
 }
+# The reference no erasure can beat: the toy model trained from scratch as the bundled one was, the shape
+# left out of its data (OUT/retrained/SHAPE, resumable; about 40 minutes a shape on one CPU core).
+REFERENCE = "retrained"
 DEFAULT_VARIANTS = ("uce", "esd", "receler", "adv")
 SHAPES = list(world.SHAPES)
 # attack -> budget (bench_default.toml's with 4 prompts x 4 images; soft-prompt at the issue's 100 steps)
@@ -82,8 +87,20 @@ def protocol_for(args):
                    prompts_per_other_value=args.prompts_per_other, held_out_per_word=1, seed=args.seed)
 
 
+def retrained_model(shape: str, out: Path):
+    """The toy model retrained without ``shape`` (trained here first, or its training resumed, if unfinished)."""
+    meta = json.loads((BUNDLED_TOY_DIR / TOY_MARKER).read_text())
+    config = ToyTrainConfig(**{**meta["train_config"], "exclude": shape})
+    run = out / "retrained" / shape
+    state = run / "checkpoint" / "state.json"
+    if not (state.is_file() and json.loads(state.read_text())["step"] >= config.steps):
+        print(f"training the toy model without the {shape}: {config.steps} steps, resumable", flush=True)
+        train_toy_model(run, config, resume=True)
+    return erasekit.load_model(str(run / "model"))
+
+
 def variant_config(label: str) -> dict | None:
-    if label == "original":
+    if label in ("original", REFERENCE):
         return None
     method, preset, overrides = VARIANTS[label]
     return asdict(build_config(method, preset, {k: str(v) for k, v in overrides.items()}, kind="shape"))
@@ -123,7 +140,7 @@ def run_cell(model, label: str, shape: str, protocol, args, weights: str) -> dic
         return cell
     torch.manual_seed(args.erase_seed)
     erasure, seconds = None, 0.0
-    if label != "original":
+    if label not in ("original", REFERENCE):
         method, preset, overrides = VARIANTS[label]
         start = time.perf_counter()
         erasure = erasekit.erase(model, method, [shape], preset=preset, overrides={k: str(v) for k, v in overrides.items()},
@@ -177,7 +194,7 @@ def summarise(cells: dict, labels: list[str], shapes: list[str]) -> dict:
 
 def pareto(summary: dict) -> list[str]:
     """Variants no other beats on both the strongest attack and the locality drop (worst shapes)."""
-    points = {k: (s["strongest"][0], s["locality_drop_worst"][0]) for k, s in summary.items() if k != "original"}
+    points = {k: (s["strongest"][0], s["locality_drop_worst"][0]) for k, s in summary.items() if k not in ("original", REFERENCE)}
     return [k for k, (r, d) in points.items()
             if not any(r2 <= r and d2 <= d and (r2, d2) != (r, d) for k2, (r2, d2) in points.items() if k2 != k)]
 
@@ -185,7 +202,7 @@ def pareto(summary: dict) -> list[str]:
 def front_svg(summary: dict, front: list[str]) -> str:
     """A small scatter plot: worst locality drop (x) against the strongest attack's worst success (y)."""
     width, height, pad = 560, 420, 60
-    points = {k: (s["locality_drop_worst"][0], s["strongest"][0]) for k, s in summary.items() if k != "original"}
+    points = {k: (s["locality_drop_worst"][0], s["strongest"][0]) for k, s in summary.items() if k not in ("original", REFERENCE)}
     xmax = max([0.1] + [x for x, _ in points.values()]) * 1.1
     def sx(x): return pad + (max(x, 0.0) / xmax) * (width - 2 * pad)
     def sy(y): return height - pad - y * (height - 2 * pad)
@@ -209,6 +226,10 @@ def front_svg(summary: dict, front: list[str]) -> str:
         colour = "#c33" if label in front else "#336"
         parts.append(f'<circle cx="{sx(x)}" cy="{sy(y)}" r="5" fill="{colour}"/>')
         parts.append(f'<text x="{sx(x) + 8}" y="{sy(y) - 6}">{label}</text>')
+    if REFERENCE in summary:  # the model retrained without the shape: what no erasure can beat
+        x, y = summary[REFERENCE]["locality_drop_worst"][0], summary[REFERENCE]["strongest"][0]
+        parts.append(f'<rect x="{sx(x) - 5}" y="{sy(y) - 5}" width="10" height="10" fill="#888" transform="rotate(45 {sx(x)} {sy(y)})"/>')
+        parts.append(f'<text x="{sx(x) + 8}" y="{sy(y) - 6}" fill="#555">{REFERENCE} (reference)</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -232,7 +253,7 @@ def markdown(cells: dict, summary: dict, labels: list[str], shapes: list[str], p
         erased, soft, other = s["erased_worst"], s["attacks_worst"]["soft-prompt"], s["other_attacks_worst"]
         fails = [k for k, v in s["meets"].items() if not v]
         lines.append(
-            f"| {label}{' (front)' if label in front else ''} | {erased[0]:.0%} ({erased[1]}) | {soft[0]:.0%} ({soft[1]}) | "
+            f"| {label}{' (front)' if label in front else ' (reference)' if label == REFERENCE else ''} | {erased[0]:.0%} ({erased[1]}) | {soft[0]:.0%} ({soft[1]}) | "
             + (f"{other[0]:.0%} ({other[1]}, {other[2]})" if other[0] is not None else "n/a")
             + f" | {s['locality_drop_worst'][0] * 100:+.1f} ({s['locality_drop_worst'][1]}) / {s['locality_drop_mean'] * 100:+.1f} | "
             f"{s['toy_fid_mean']:.1f} | {s['seconds_mean']:.0f} | {'all' if not fails else 'not: ' + ', '.join(fails)} |")
@@ -253,7 +274,8 @@ def markdown(cells: dict, summary: dict, labels: list[str], shapes: list[str], p
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}; and {REFERENCE}, the model retrained without the shape")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated toy shapes (default: all six)")
     parser.add_argument("--out", default="robustness-toy")
     parser.add_argument("--seed", type=int, default=1, help="evaluation seed (presets were tuned on seed 0)")
@@ -269,8 +291,8 @@ def main(argv=None) -> int:
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     try:
         for label in labels:
-            if label not in VARIANTS:
-                raise ErasekitError(f"unknown variant {label!r}; choose from {', '.join(VARIANTS)}")
+            if label not in VARIANTS and label != REFERENCE:
+                raise ErasekitError(f"unknown variant {label!r}; choose from {', '.join([*VARIANTS, REFERENCE])}")
             variant_config(label)
         for shape in shapes:
             if shape not in world.SHAPES:
@@ -287,7 +309,11 @@ def main(argv=None) -> int:
                     cells[(label, shape)] = json.loads(path.read_text())
                 continue
             start = time.perf_counter()
-            cell = run_cell(model, label, shape, protocol, args, weights)
+            if label == REFERENCE:
+                reference = retrained_model(shape, Path(args.out))
+                cell = run_cell(reference, label, shape, protocol, args, weights_digest(dict(reference.unet.named_parameters())))
+            else:
+                cell = run_cell(model, label, shape, protocol, args, weights)
             cells[(label, shape)] = cell
             attacks = ", ".join(f"{a} {r['rate']:.0%}" for a, r in cell["attacks"].items() if r is not None)
             print(f"[{index}/{len(todo)}] {label:12s} {shape:9s} named {cell['erased']['rate']:.0%}, others {cell['other']['rate']:.0%}; "

@@ -163,7 +163,8 @@ def cmd_toy_grid(args) -> None:
 def cmd_toy_train(args) -> None:
     from erasekit.toy.train import ToyTrainConfig, train_toy_model
 
-    config = ToyTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    config = ToyTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                            exclude=args.exclude)
     folder = train_toy_model(args.out, config, resume=args.resume)
     print(f"toy model written to {folder}; load it with erasekit.load_model({str(folder)!r})")
 
@@ -516,7 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count, default=64)
     p.add_argument("--checkpoint-every", type=count, default=200)
     p.add_argument("--seed", type=seed_value, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument(
+        "--exclude", default="", metavar="CONCEPTS",
+        help="comma-separated toy concepts left out of the data (e.g. triangle): the retrained-without reference")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (refused if it holds other settings)")
     p.set_defaults(run=cmd_toy_train)
 
     p = toy.add_parser("train-classifier", help="train the toy classifier")

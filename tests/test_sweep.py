@@ -91,3 +91,26 @@ def test_robustness_benchmark_counts_every_attack_resumes_and_refuses_other_sett
     assert robustness_toy.main(["--variants", "magic", "--out", str(tmp_path / "r")]) == 2
     assert robustness_toy.main(["--shapes", "red", "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_robustness_toy_measures_the_model_retrained_without_the_shape(tmp_path, monkeypatch):
+    import robustness_toy
+
+    tiny = {name: {**budget, "prompts": 1, "samples": 1} for name, budget in robustness_toy.ATTACK_BUDGETS.items()
+            if name in ("soft-prompt", "paraphrase")}
+    tiny["soft-prompt"].update(steps=1, timesteps=1)
+    monkeypatch.setattr(robustness_toy, "ATTACK_BUDGETS", tiny)
+    real = robustness_toy.ToyTrainConfig
+    monkeypatch.setattr(robustness_toy, "ToyTrainConfig", lambda **kw: real(**{**kw, "steps": 2, "batch_size": 2, "warmup_steps": 1}))
+    out = tmp_path / "robust"
+    args = ["--variants", "retrained", "--shapes", "cross", "--samples", "1", "--prompts-per-concept", "1",
+            "--prompts-per-other", "1", "--attack-seeds", "3", "--out", str(out)]
+    assert robustness_toy.main(args) == 0
+    meta = json.loads((out / "retrained" / "cross" / "model" / "erasekit_toy.json").read_text())
+    assert meta["train_config"]["exclude"] == "cross" and meta["train_steps"] == 2
+    result = json.loads((out / "robustness.json").read_text())
+    assert {(c["variant"], c["shape"]) for c in result["cells"]} == {("original", "cross"), ("retrained", "cross")}
+    assert result["front"] == [] and "retrained" in result["summary"]  # a reference, not a method on the front
+    assert "retrained (reference)" in (out / "front.svg").read_text()
+    monkeypatch.setattr(robustness_toy, "train_toy_model", lambda *a, **k: pytest.fail("retrained a finished model"))
+    assert robustness_toy.main(args) == 0

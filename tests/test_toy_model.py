@@ -70,3 +70,21 @@ def test_toy_model_meets_the_bar(toy):
     assert overall["shape"] >= 0.90 and overall["color"] >= 0.90 and overall["style"] >= 0.85, overall
     held = evaluate_toy(toy, held_out_prompts(per_word=4), samples_per_prompt=2, seed=0, progress=False)
     assert held["overall"]["shape"] >= 0.60, held["overall"]
+
+
+def test_toy_training_without_a_concept_resumes_only_with_its_own_settings(tmp_path):
+    from erasekit.errors import ErasekitError
+    from erasekit.toy.train import ToyTrainConfig, excluded_concepts, train_toy_model
+
+    config = ToyTrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1, exclude="triangle, Red")
+    assert excluded_concepts(config) == [("color", "red"), ("shape", "triangle")]
+    folder = train_toy_model(tmp_path / "run", config, progress=False)
+    meta = json.loads((folder / "erasekit_toy.json").read_text())
+    assert meta["train_config"]["exclude"] == "triangle, Red" and meta["train_steps"] == 2
+    state = (tmp_path / "run" / "checkpoint" / "state.json").read_text()
+    with pytest.raises(ErasekitError, match="other settings.*exclude"):
+        train_toy_model(tmp_path / "run", ToyTrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1), resume=True)
+    assert (tmp_path / "run" / "checkpoint" / "state.json").read_text() == state
+    # how often it checkpoints changes no weight, so a resume may change it
+    same = ToyTrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=5, exclude="triangle, Red")
+    assert train_toy_model(tmp_path / "run", same, resume=True, progress=False) == folder

@@ -87,3 +87,19 @@ def test_classifier_features_have_the_documented_size():
     model = load_classifier()
     images = torch.rand(3, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
     assert model.features(images).shape == (3, model.feature_dim)
+
+
+def test_excluded_concepts_are_never_drawn_and_the_rest_stay_uniform():
+    rng = np.random.default_rng(0)
+    _, scenes, captions = world.sample_batch(600, rng, size=16, exclude=[("shape", "triangle"), ("color", "red")])
+    shapes, colors = Counter(s.shape for s in scenes), Counter(s.color for s in scenes)
+    assert "triangle" not in shapes and "red" not in colors
+    assert not any({"triangle", "red"} & set(c.replace(",", " ").split()) for c in captions)
+    assert set(shapes) == set(world.SHAPES) - {"triangle"} and min(shapes.values()) > 600 / 5 / 2
+    # without an exclusion a scene is three draws, as the bundled model's data stream was made
+    rng, again = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(20):
+        expected = (world.SHAPES[again.integers(6)], world.COLOR_NAMES[again.integers(len(world.COLOR_NAMES))],
+                    world.STYLES[again.integers(len(world.STYLES))])
+        scene = world.random_scene(rng)
+        assert (scene.shape, scene.color, scene.style) == expected

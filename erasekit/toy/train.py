@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from erasekit.models.toy import TOY_MAX_LENGTH, load_minilm, toy_scheduler_config, toy_unet_config, write_toy_folder
 from erasekit.toy import world
-from erasekit.utils import atomic_folder
+from erasekit.utils import ErasekitError, atomic_folder
 
 
 @dataclass
@@ -43,6 +43,18 @@ class ToyTrainConfig:
     min_snr_gamma: float = field(default=5.0, metadata={"help": "γ of min-SNR loss weighting.", "gt": 0})
     checkpoint_every: int = field(default=250, metadata={"help": "Steps between checkpoints.", "min": 1})
     seed: int = field(default=0, metadata={"help": "Seed of the initialisation and the data."})
+    exclude: str = field(default="", metadata={
+        "help": "Comma-separated toy concepts left out of the data (scenes holding one are drawn again): a model "
+                "retrained without them, the reference an erasure of them is measured against."})
+
+
+def excluded_concepts(config: ToyTrainConfig) -> list[tuple[str, str]]:
+    """The (attribute, value) pairs ``config.exclude`` names; an ``ErasekitError`` if one is unknown or all of an attribute go."""
+    pairs = sorted({world.parse_concept(word) for word in config.exclude.split(",") if word.strip()})
+    for attribute, values in world.ATTRIBUTES.items():
+        if sum(a == attribute for a, _ in pairs) >= len(values):
+            raise ErasekitError(f"exclude={config.exclude!r} leaves no {attribute} to draw; keep at least one")
+    return pairs
 
 
 class CaptionCache:
@@ -103,6 +115,14 @@ def train_toy_model(out: str | Path, config: ToyTrainConfig = ToyTrainConfig(), 
 
     out = Path(out)
     checkpoint = out / "checkpoint"
+    exclude = excluded_concepts(config)
+    if resume and (checkpoint / "state.json").is_file():
+        saved = json.loads((checkpoint / "state.json").read_text())["config"]
+        saved.setdefault("exclude", "")  # checkpoints from before the field
+        changed = ", ".join(f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in asdict(config).items()
+                            if saved.get(k) != v and k != "checkpoint_every")  # the one setting that changes no weight
+        if changed:
+            raise ErasekitError(f"{checkpoint} was trained with other settings ({changed}); resume with those or train into another --out")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     tokenizer, encoder = load_minilm()
@@ -121,7 +141,7 @@ def train_toy_model(out: str | Path, config: ToyTrainConfig = ToyTrainConfig(), 
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="toy train", disable=not progress)
     for step in bar:
-        images, _, batch_captions = world.sample_batch(config.batch_size, rng)
+        images, _, batch_captions = world.sample_batch(config.batch_size, rng, exclude=exclude)
         batch_captions = ["" if rng.random() < config.caption_dropout else c for c in batch_captions]
         x0 = torch.from_numpy(images)
         states = captions(batch_captions)

@@ -271,17 +271,21 @@ def draw(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
     return background * (1 - coverage) + color * coverage
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    return Scene(
-        shape=SHAPES[rng.integers(len(SHAPES))],
-        color=COLOR_NAMES[rng.integers(len(COLOR_NAMES))],
-        style=STYLES[rng.integers(len(STYLES))],
-    )
+def random_scene(rng: np.random.Generator, exclude=()) -> Scene:
+    """A uniformly drawn scene; one holding an excluded (attribute, value) is drawn again."""
+    while True:
+        scene = Scene(
+            shape=SHAPES[rng.integers(len(SHAPES))],
+            color=COLOR_NAMES[rng.integers(len(COLOR_NAMES))],
+            style=STYLES[rng.integers(len(STYLES))],
+        )
+        if not any(getattr(scene, attribute) == value for attribute, value in exclude):
+            return scene
 
 
-def sample_batch(n: int, rng: np.random.Generator, size: int = IMAGE_SIZE):
-    """n random scenes: images float32 (n, 3, size, size) in [-1, 1], the scenes, training captions."""
-    scenes = [random_scene(rng) for _ in range(n)]
+def sample_batch(n: int, rng: np.random.Generator, size: int = IMAGE_SIZE, exclude=()):
+    """n random scenes (none holding an ``exclude`` pair): images float32 (n, 3, size, size) in [-1, 1], the scenes, training captions."""
+    scenes = [random_scene(rng, exclude) for _ in range(n)]
     images = np.stack([draw(s, rng, size) for s in scenes]).transpose(0, 3, 1, 2)
     captions = [training_caption(s, rng) for s in scenes]
     return (images * 2 - 1).astype(np.float32), scenes, captions
