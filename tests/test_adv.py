@@ -224,6 +224,85 @@ def test_text_encoder_set_on_sdxl_trains_both_encoders_and_exports_them(tiny_sdx
         erasure.remove(pipeline)
 
 
+def test_eraser_set_adds_receler_erasers_that_apply_stack_and_come_off_exactly(model, tmp_path):
+    """parameter_set=erasers: the UNet never changes; the erasure holds Receler modules that change the prediction."""
+    before = unet_state(model)
+    x = torch.randn(model.latent_shape(1), generator=torch.Generator().manual_seed(2))
+    cond = model.encode(["a red triangle on a plain background"])
+    with torch.no_grad():
+        reference = model.predict_noise(x, torch.tensor([400]), cond)
+    config = AdvConfig(**{**TINY, "iterations": 3, "learning_rate": 1e-2}, parameter_set="erasers", eraser_rank=4,
+                       attack_space="both", adversaries=2)
+    erasure = adv.erase(model, resolve_toy_targets(["triangle"]), config=config, progress=False)
+    assert erasure.method == "adv" and erasure.module_type == "receler" and not erasure.deltas
+    layers = model.cross_attention_layers()
+    assert {k.rsplit(".", 2)[0] for k in erasure.modules} == set(layers)
+    assert all(v.shape[0] == 4 for k, v in erasure.modules.items() if k.endswith("down.weight"))
+    assert any(v.abs().max() > 0 for k, v in erasure.modules.items() if k.endswith("up.weight"))
+    assert erasure.info["parameter_set"] == "erasers"
+    assert all(torch.equal(before[n], p) for n, p in model.unet.named_parameters())
+    with torch.no_grad():  # the training hooks are gone
+        assert torch.equal(model.predict_noise(x, torch.tensor([400]), cond), reference)
+    loaded = erasekit.Erasure.load(erasure.save(tmp_path / "erasers.safetensors"))
+    other = adv.erase(model, resolve_toy_targets(["circle"]), config=dataclasses.replace(config, seed=3), progress=False)
+    with torch.no_grad():
+        loaded.apply(model)
+        one = model.predict_noise(x, torch.tensor([400]), cond)
+        assert not torch.allclose(one, reference)
+        other.apply(model)  # stacks
+        assert not torch.allclose(model.predict_noise(x, torch.tensor([400]), cond), one)
+        other.remove(model)
+        assert torch.equal(model.predict_noise(x, torch.tensor([400]), cond), one)
+        loaded.remove(model)
+        assert torch.equal(model.predict_noise(x, torch.tensor([400]), cond), reference)
+
+
+def test_eraser_set_resumes_bit_for_bit_and_keys_its_teacher(model, tmp_path):
+    base = dict(TINY, iterations=4, seed=6, parameter_set="erasers", eraser_rank=4, learning_rate=1e-2)
+    targets = resolve_toy_targets(["star"])
+    uninterrupted = adv.erase(model, targets, config=AdvConfig(**base), progress=False)
+    folder = tmp_path / "ckpt"
+    adv.erase(model, targets, config=AdvConfig(**{**base, "iterations": 2}, checkpoint_dir=str(folder), checkpoint_every=2),
+              progress=False)
+    resumed = adv.erase(model, targets, config=AdvConfig(**base, checkpoint_dir=str(folder), checkpoint_every=2, resume=True),
+                        progress=False)
+    assert uninterrupted.modules.keys() == resumed.modules.keys()
+    assert all(torch.equal(resumed.modules[k], v) for k, v in uninterrupted.modules.items())
+    trainer = AdvTrainer(model, targets, AdvConfig(**base))
+    try:
+        key = trainer.checkpoint_key()
+        name = next(n for n, _ in model.unet.named_parameters() if ".attn2.to_v." in n)
+        parameter = dict(model.unet.named_parameters())[name]
+        saved = parameter.detach().clone()
+        with torch.no_grad():
+            parameter.add_(1.0)  # another teacher, another key
+            try:
+                assert trainer.checkpoint_key()["unet"] != key["unet"]
+            finally:
+                parameter.copy_(saved)
+    finally:
+        trainer.close()
+
+
+def test_eraser_set_on_sdxl(tiny_sdxl_folder):
+    pipeline = erasekit.load_model(tiny_sdxl_folder)
+    config = AdvConfig(**{**TINY, "iterations": 2, "learning_rate": 1e-2}, parameter_set="erasers", eraser_rank=4,
+                       attack_space="both", adversaries=2)
+    erasure = erasekit.erase(pipeline, "adv", ["a red triangle"], config=config, progress=False)
+    assert erasure.module_type == "receler" and len({k.rsplit(".", 2)[0] for k in erasure.modules}) == len(
+        pipeline.cross_attention_layers())
+    x = torch.randn(pipeline.latent_shape(1), generator=torch.Generator().manual_seed(1))
+    cond = pipeline.encode(["a red triangle"])
+    with torch.no_grad():
+        reference = pipeline.predict_noise(x, torch.tensor([500]), cond)
+        erasure.apply(pipeline)
+        try:
+            assert not torch.allclose(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
+        finally:
+            erasure.remove(pipeline)
+        assert torch.equal(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
+
+
 # --------------------------------------------------------------------- the trained toy
 @pytest.mark.slow
 def test_toy_preset_erases_the_triangle_keeps_the_others_and_holds_against_textual_inversion():

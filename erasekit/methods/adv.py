@@ -22,11 +22,13 @@ each warm-started from its last value (AdvUnlearn's "latest" init), and every ``
 iterations runs ``attack_steps`` Adam steps on them and on ``attack_restarts`` fresh random starts,
 keeping the strongest (lowest attack loss). Every kept adversary is trained on in each step.
 
-Deviations from AdvUnlearn, deliberate: its best variant trains the text encoder; here only UNet
-parameter sets train (``parameter_set``, ESD's names), since an erasure's artifact holds UNet deltas;
-the inner attack is stronger (restarts, several adversaries, the conditioning space); the plain
-caption is trained alongside the adversarial ones; retention latents are sampled from the retained
-prompts by the frozen model, not taken from COCO images.
+What trains (``parameter_set``): ESD's UNet sets, ``text-encoder`` (AdvUnlearn's best variant), or
+``erasers``: Receler's (Huang et al., 2024, Eq. 3) low-rank erasers after every cross-attention layer,
+trained here by this loss instead of Receler's, and saved as Receler modules.
+
+Deviations from AdvUnlearn, deliberate: the inner attack is stronger (restarts, several adversaries,
+the conditioning space); the plain caption is trained alongside the adversarial ones; retention latents
+are sampled from the retained prompts by the frozen model, not taken from COCO images.
 """
 
 from __future__ import annotations
@@ -37,18 +39,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from erasekit.erasure import Erasure
+from erasekit.erasure import Erasure, model_signature
 from erasekit.errors import ErasekitError
 from erasekit.methods.esd import (
     PARAMETER_SET_ALIASES, PARAMETER_SETS, ESDConfig, ESDTrainer, sample_x_t, train_erasure,
 )
+from erasekit.models.attention import hooked_processor, remove_hooks
 from erasekit.models.handle import TEXT_ENCODER_PREFIXES, Conditioning
 from erasekit.models.tokens import candidate_token_ids, encode_slots, random_token_embeddings, token_template
 from erasekit.targets import EraseTarget, guide_prompts, read_list
-from erasekit.training import generator_state, set_generator_state
+from erasekit.modules.receler import Eraser, eraser_state
+from erasekit.training import generator_state, set_generator_state, weights_digest
 
 ATTACK_SPACES = ("tokens", "conditioning", "both")
 TEXT_SET = "text-encoder"
+ERASER_SET = "erasers"
 TARGETS = ("negative", "guide")
 
 
@@ -57,9 +62,12 @@ class AdvConfig(ESDConfig):
     """ESD's settings plus the inner attack and the retention term; defaults follow AdvUnlearn (landscape.md)."""
 
     parameter_set: str = field(default="xattn", metadata={
-        "help": "What trains: ESD's UNet sets (xattn, noxattn, noxattn-linear, full, selfattn, xattn-strict) or "
-                "text-encoder (every text-encoder layer after the token and position embeddings, AdvUnlearn's choice).",
-        "choices": (*PARAMETER_SETS, *PARAMETER_SET_ALIASES, "text-encoder")})
+        "help": "What trains: ESD's UNet sets (xattn, noxattn, noxattn-linear, full, selfattn, xattn-strict), "
+                "text-encoder (every text-encoder layer after the token and position embeddings, AdvUnlearn's choice) "
+                "or erasers (Receler's low-rank erasers after each cross-attention layer, added; the UNet stays as it is).",
+        "choices": (*PARAMETER_SETS, *PARAMETER_SET_ALIASES, TEXT_SET, ERASER_SET)})
+    eraser_rank: int = field(default=128, metadata={
+        "help": "parameter_set=erasers: the bottleneck width of each eraser (Receler's r).", "min": 1})
     erase_from: str | None = field(default=None, metadata={
         "help": "ESD's; not used by adv, which erases the targets' own prompts (set, it is refused)."})
     target: str = field(default="negative", metadata={
@@ -137,7 +145,18 @@ class AdvTrainer(ESDTrainer):
 
     def __init__(self, model, targets: list[EraseTarget], config: AdvConfig):
         _check(config, targets)
+        self.erasers: dict[str, Eraser] = {}
+        self.erasers_on, self.hook_name = True, f"adv-train-{id(self)}"
         super().__init__(model, [t.concept for t in targets], config)
+        try:
+            self._setup(model, targets, config)
+        except BaseException:
+            self.close()
+            raise
+        for path, eraser in self.erasers.items():  # last, once nothing can fail
+            hooked_processor(self.layers[path]).output_hooks[self.hook_name] = self._eraser_hook(eraser)
+
+    def _setup(self, model, targets: list[EraseTarget], config: AdvConfig) -> None:
         self.targets = targets
         self.trains_text = self.config.parameter_set == TEXT_SET
         self.attack_generator = torch.Generator().manual_seed(config.seed + 1)
@@ -159,16 +178,66 @@ class AdvTrainer(ESDTrainer):
 
     # ------------------------------------------------------------------ what trains
     def candidate_parameters(self) -> dict[str, torch.nn.Parameter]:
+        if self.config.parameter_set == ERASER_SET:  # new erasers, ``up`` at zero: at first the model is unchanged
+            self.layers = self.model.cross_attention_layers()
+            if not self.layers:
+                raise ErasekitError("the model has no cross-attention layer for erasers; choose another parameter_set")
+            generator = torch.Generator().manual_seed(self.config.seed)
+            self.erasers = {path: Eraser(attn.to_out[0].out_features, self.config.eraser_rank, generator).to(self.device)
+                            for path, attn in self.layers.items()}
+            return {f"{path}.{name}": p for path, eraser in self.erasers.items() for name, p in eraser.named_parameters()}
         return self.model.weight_parameters()  # the UNet's and the text encoders' (text_encoder.<name>)
 
     def select_parameter_names(self) -> list[str]:
+        if self.config.parameter_set == ERASER_SET:
+            return list(self._eraser_names())
         if self.config.parameter_set == TEXT_SET:  # the token and position tables stay: soft prompts bypass them anyway
             return [name for name in self.model.weight_parameters()
                     if name.startswith(TEXT_ENCODER_PREFIXES) and ".embeddings." not in name]
         return super().select_parameter_names()
 
+    def _eraser_names(self):
+        return (f"{path}.{name}" for path, eraser in self.erasers.items() for name, _ in eraser.named_parameters())
+
     def parameter_set_name(self) -> str:
-        return TEXT_SET if self.config.parameter_set == TEXT_SET else super().parameter_set_name()
+        if self.config.parameter_set in (TEXT_SET, ERASER_SET):
+            return self.config.parameter_set
+        return super().parameter_set_name()
+
+    def _eraser_hook(self, eraser: Eraser):
+        def hook(attn, out):
+            if not self.erasers_on:
+                return out
+            with torch.autocast(out.device.type, enabled=False):  # erasers compute in float32, as Receler's
+                return out + eraser(out.float()).to(out.dtype)
+
+        return hook
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The original model: ESD's swap of the trained values, and the erasers off."""
+        with super().frozen():
+            on, self.erasers_on = self.erasers_on, False
+            try:
+                yield
+            finally:
+                self.erasers_on = on
+
+    def erasure(self, deltas: dict[str, torch.Tensor], config: dict, info: dict) -> Erasure:
+        if not self.erasers:
+            return super().erasure(deltas, config, info)
+        names = [f"{path}.to_out.0.weight" for path in self.layers]
+        return Erasure(method=self.name, concepts=self.concepts, base_model=self.model.name, config=config, modules=deltas,
+                       module_type="receler", base_signature=model_signature(self.model, names), info=info)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """The weight deltas; with erasers, the trained erasers (Receler's saved form)."""
+        return eraser_state(self.erasers) if self.erasers else super().deltas()
+
+    def close(self) -> None:
+        super().close()
+        if self.erasers:
+            remove_hooks(self.layers, self.hook_name)
 
     # ------------------------------------------------------------------ conditioning
     def encoded(self, prompt: str) -> Conditioning:
@@ -328,6 +397,10 @@ class AdvTrainer(ESDTrainer):
     def checkpoint_key(self) -> dict:
         key = super().checkpoint_key()
         key.update({"method": "adv", "targets": [dataclasses.asdict(t) for t in self.targets]})
+        if self.erasers:  # the erasers' teacher: the cross-attention layers they sit on (as Receler keys it)
+            original = self.model.original_parameters
+            key["unet"] = weights_digest({name: original.get(name, value) for path, attn in self.layers.items()
+                                          for name, value in attn.named_parameters(prefix=path)})
         return key
 
     def training_state(self):

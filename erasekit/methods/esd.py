@@ -491,6 +491,10 @@ class ESDTrainer:
             for name, parameter in self.parameters.items()
         }
 
+    def erasure(self, deltas: dict[str, torch.Tensor], config: dict, info: dict) -> Erasure:
+        """The erasure of a finished run (after ``close``): its weight deltas."""
+        return Erasure.from_deltas(self.model, self.name, self.concepts, config, deltas=deltas, info=info)
+
     def close(self) -> None:
         """Hand the model back exactly as it came (original tensors, flags, checkpointing)."""
         if self._closed:
@@ -574,9 +578,9 @@ def train_erasure(trainer_class, model, what, config, progress: bool = True) -> 
     trainer = trainer_class(model, what, config)
     try:
         trainer.train(progress=progress)
-        deltas = trainer.deltas()
+        trained = trainer.deltas()
         info = trainer.summary()
     finally:
         trainer.close()
     info["seconds"] = round(time.time() - started, 2)
-    return Erasure.from_deltas(model, trainer.name, trainer.concepts, dataclasses.asdict(config), deltas=deltas, info=info)
+    return trainer.erasure(trained, dataclasses.asdict(config), info)
