@@ -109,6 +109,9 @@ def w(tmp_path_factory):
     ns.other_run = root / "other_run"
     ns.other_run.mkdir()
     (ns.other_run / "run.json").write_text(json.dumps({"attack": "p4d", "concept": "circle"}))
+    ns.train_run = root / "train_run"
+    (ns.train_run / "checkpoint").mkdir(parents=True)
+    (ns.train_run / "checkpoint" / "state.json").write_text(json.dumps({"step": 5}))
     ns.garbage_run = root / "garbage_run"
     ns.garbage_run.mkdir()
     (ns.garbage_run / "run.json").write_text("{{{")
@@ -240,6 +243,7 @@ CASES = {
     "toy grid --out under a file": lambda w: ["toy", "grid", "--model", str(w.toy), "--out", str(w.text / "grid.png")],
     "toy train zero steps": lambda w: ["toy", "train", "--out", str(w.out / "t"), "--steps", "0"],
     "toy train excludes an unknown concept": lambda w: ["toy", "train", "--out", str(w.out / "t"), "--exclude", "triangel"],
+    "toy train over a run without --resume": lambda w: ["toy", "train", "--out", str(w.train_run)],
     "toy train excludes every shape": lambda w: ["toy", "train", "--out", str(w.out / "t"), "--exclude",
                                                  "circle,square,triangle,star,cross,heart"],
     "bench missing config": lambda w: ["bench", "--config", str(w.root / "missing.toml"), "--out", str(w.out / "b")],

@@ -85,6 +85,9 @@ def test_toy_training_without_a_concept_resumes_only_with_its_own_settings(tmp_p
     with pytest.raises(ErasekitError, match="other settings.*exclude"):
         train_toy_model(tmp_path / "run", ToyTrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1), resume=True)
     assert (tmp_path / "run" / "checkpoint" / "state.json").read_text() == state
+    with pytest.raises(ErasekitError, match="already holds a training run; --resume"):  # never silently overwritten
+        train_toy_model(tmp_path / "run", config, progress=False)
+    assert (tmp_path / "run" / "checkpoint" / "state.json").read_text() == state
     # how often it checkpoints changes no weight, so a resume may change it
     same = ToyTrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=5, exclude="triangle, Red")
     assert train_toy_model(tmp_path / "run", same, resume=True, progress=False) == folder

@@ -116,6 +116,8 @@ def train_toy_model(out: str | Path, config: ToyTrainConfig = ToyTrainConfig(), 
     out = Path(out)
     checkpoint = out / "checkpoint"
     exclude = excluded_concepts(config)
+    if not resume and (checkpoint / "state.json").is_file():
+        raise ErasekitError(f"{checkpoint} already holds a training run; --resume continues it, or train into another --out")
     if resume and (checkpoint / "state.json").is_file():
         saved = json.loads((checkpoint / "state.json").read_text())["config"]
         saved.setdefault("exclude", "")  # checkpoints from before the field
