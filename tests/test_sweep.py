@@ -114,3 +114,28 @@ def test_robustness_toy_measures_the_model_retrained_without_the_shape(tmp_path,
     assert "retrained (reference)" in (out / "front.svg").read_text()
     monkeypatch.setattr(robustness_toy, "train_toy_model", lambda *a, **k: pytest.fail("retrained a finished model"))
     assert robustness_toy.main(args) == 0
+
+
+def test_unconditional_toy_counts_the_shapes_each_model_draws_from_the_empty_prompt(tmp_path, capsys):
+    import unconditional_toy
+
+    import erasekit
+    from erasekit.toy.train import ToyTrainConfig, train_toy_model
+
+    model = erasekit.load_model("toy")
+    erasure = erasekit.erase(model, "uce", ["star"], preset="toy", progress=False).save(tmp_path / "star.safetensors")
+    assert unconditional_toy.main(["--shape", "star", "--samples", "3", "--erasures", str(erasure)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| toy")]
+    assert [row.split(" | ")[0] for row in rows] == ["| toy", "| toy + uce erasure"]
+    from erasekit.toy import world
+
+    for row in rows:  # every image is read as exactly one shape, and the rate is the star's count of 3
+        cells = row.strip("| ").split(" | ")
+        counts = dict(zip(world.SHAPES, map(int, cells[2:])))
+        assert sum(counts.values()) == 3 and cells[1].split("(")[1].startswith(f"{counts['star']}/3; ")
+    # bad input: refused, before any image is drawn
+    assert unconditional_toy.main(["--shape", "hexagon"]) == 2
+    assert "unknown shape 'hexagon'" in capsys.readouterr().err
+    other = train_toy_model(tmp_path / "other", ToyTrainConfig(steps=1, batch_size=2, warmup_steps=1), progress=False)
+    assert unconditional_toy.main(["--shape", "star", "--models", str(other), "--erasures", str(erasure)]) == 2
+    assert "unconditional_toy: error:" in capsys.readouterr().err
