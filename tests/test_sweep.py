@@ -139,3 +139,20 @@ def test_unconditional_toy_counts_the_shapes_each_model_draws_from_the_empty_pro
     other = train_toy_model(tmp_path / "other", ToyTrainConfig(steps=1, batch_size=2, warmup_steps=1), progress=False)
     assert unconditional_toy.main(["--shape", "star", "--models", str(other), "--erasures", str(erasure)]) == 2
     assert "unconditional_toy: error:" in capsys.readouterr().err
+
+
+def test_robustness_summary_counts_a_drop_of_exactly_the_goal_and_keeps_partial_variants_off_the_front():
+    import robustness_toy
+
+    def cell(erased, other, soft):
+        return {"erased": {"rate": erased / 32}, "other": {"rate": other / 80}, "toy_fid": 1.0, "seconds": 1.0,
+                "attacks": {"soft-prompt": {"rate": soft / 32}}}
+
+    cells = {("original", "circle"): cell(32, 75, 30), ("original", "star"): cell(32, 75, 30),
+             ("a", "circle"): cell(0, 71, 3), ("a", "star"): cell(1, 75, 2),  # drop 75/80 - 71/80: exactly 5 points
+             ("b", "circle"): cell(0, 75, 1)}  # better, but measured on one shape of two
+    summary = robustness_toy.summarise(cells, ["a", "b"], ["circle", "star"])
+    assert all(summary["a"]["meets"].values()), summary["a"]["meets"]
+    assert summary["b"]["meets"] == {"erased": True, "soft-prompt": True, "other attacks": True, "locality drop": True,
+                                     "every shape": False}
+    assert robustness_toy.pareto(summary) == ["a"]
