@@ -226,6 +226,16 @@ def test_checkpoint_and_resume_give_the_uninterrupted_weights(model, tmp_path):
     other = dataclasses.replace(resumed_config, learning_rate=5e-3)
     with pytest.raises(ErasekitError, match="learning_rate"):
         erasekit.erase(model, "esd", ["triangle", "circle"], config=other, progress=False)
+    # another teacher: a weight outside the trained cross-attention differs, so the run is not this one's
+    conv, kept = model.unet.conv_in.weight, model.unet.conv_in.weight.detach().clone()
+    with torch.no_grad():
+        conv.add_(1e-3)
+    try:
+        with pytest.raises(ErasekitError, match="base"):
+            erasekit.erase(model, "esd", ["triangle", "circle"], config=resumed_config, progress=False)
+    finally:
+        with torch.no_grad():
+            conv.copy_(kept)
 
 
 def test_several_concepts_are_all_drawn(model):

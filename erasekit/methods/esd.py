@@ -531,9 +531,10 @@ class ESDTrainer:
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_key(self) -> dict:
-        """Everything that determines the run: concepts, settings (less iterations), the trained subset's base values."""
+        """Everything that determines the run: concepts, settings (less iterations), the teacher's weights (every
+        UNet and text-encoder weight, the trained subset at its base values)."""
         return {"method": "esd", "concepts": self.concepts, "config": comparable(dataclasses.asdict(self.config)),
-                "base": weights_digest(self.frozen_values),
+                "base": weights_digest({**self.model.weight_parameters(), **self.frozen_values}),
                 "on_top_of": [(e.digest, scale) for e, scale in self.model.applied_erasures]}
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
