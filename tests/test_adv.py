@@ -24,6 +24,19 @@ def model(toy_folder):
     return erasekit.load_model(toy_folder)
 
 
+def assert_changes_the_prediction_and_comes_off(pipeline, erasure, prompt: str = "a red triangle") -> None:
+    x = torch.randn(pipeline.latent_shape(1), generator=torch.Generator().manual_seed(1))
+    cond = pipeline.encode([prompt])
+    with torch.no_grad():
+        reference = pipeline.predict_noise(x, torch.tensor([500]), cond)
+        erasure.apply(pipeline)
+        try:
+            assert not torch.allclose(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
+        finally:
+            erasure.remove(pipeline)
+        assert torch.equal(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
+
+
 def unet_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.unet.named_parameters()}
 
@@ -152,16 +165,7 @@ def test_hardens_sd_and_sdxl(folder, request):
     erasure = erasekit.erase(pipeline, "adv", ["a red triangle"], config=config, progress=False)
     assert erasure.deltas and all("attn2" in name.split(".") for name in erasure.deltas)  # the preset's xattn
     assert erasure.info["retained_prompts"] > 100  # the generic sentences
-    x = torch.randn(pipeline.latent_shape(1), generator=torch.Generator().manual_seed(1))
-    cond = pipeline.encode(["a red triangle"])
-    with torch.no_grad():
-        reference = pipeline.predict_noise(x, torch.tensor([500]), cond)
-        erasure.apply(pipeline)
-        try:
-            assert not torch.allclose(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
-        finally:
-            erasure.remove(pipeline)
-        assert torch.equal(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
+    assert_changes_the_prediction_and_comes_off(pipeline, erasure)
 
 
 def test_cli_erases_with_adv(tmp_path, toy_folder, capsys):
@@ -277,7 +281,7 @@ def test_eraser_set_resumes_bit_for_bit_and_keys_its_teacher(model, tmp_path):
         with torch.no_grad():
             parameter.add_(1.0)  # another teacher, another key
             try:
-                assert trainer.checkpoint_key()["unet"] != key["unet"]
+                assert trainer.checkpoint_key()["base"] != key["base"]
             finally:
                 parameter.copy_(saved)
     finally:
@@ -291,16 +295,7 @@ def test_eraser_set_on_sdxl(tiny_sdxl_folder):
     erasure = erasekit.erase(pipeline, "adv", ["a red triangle"], config=config, progress=False)
     assert erasure.module_type == "receler" and len({k.rsplit(".", 2)[0] for k in erasure.modules}) == len(
         pipeline.cross_attention_layers())
-    x = torch.randn(pipeline.latent_shape(1), generator=torch.Generator().manual_seed(1))
-    cond = pipeline.encode(["a red triangle"])
-    with torch.no_grad():
-        reference = pipeline.predict_noise(x, torch.tensor([500]), cond)
-        erasure.apply(pipeline)
-        try:
-            assert not torch.allclose(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
-        finally:
-            erasure.remove(pipeline)
-        assert torch.equal(pipeline.predict_noise(x, torch.tensor([500]), cond), reference)
+    assert_changes_the_prediction_and_comes_off(pipeline, erasure)
 
 
 # --------------------------------------------------------------------- the trained toy

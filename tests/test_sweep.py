@@ -120,6 +120,7 @@ def test_unconditional_toy_counts_the_shapes_each_model_draws_from_the_empty_pro
     import unconditional_toy
 
     import erasekit
+    from erasekit.toy import world
     from erasekit.toy.train import ToyTrainConfig, train_toy_model
 
     model = erasekit.load_model("toy")
@@ -127,8 +128,6 @@ def test_unconditional_toy_counts_the_shapes_each_model_draws_from_the_empty_pro
     assert unconditional_toy.main(["--shape", "star", "--samples", "3", "--erasures", str(erasure)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| toy")]
     assert [row.split(" | ")[0] for row in rows] == ["| toy", "| toy + uce erasure"]
-    from erasekit.toy import world
-
     for row in rows:  # every image is read as exactly one shape, and the rate is the star's count of 3
         cells = row.strip("| ").split(" | ")
         counts = dict(zip(world.SHAPES, map(int, cells[2:])))

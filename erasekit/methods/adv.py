@@ -49,7 +49,7 @@ from erasekit.models.handle import TEXT_ENCODER_PREFIXES, Conditioning
 from erasekit.models.tokens import candidate_token_ids, encode_slots, random_token_embeddings, token_template
 from erasekit.targets import EraseTarget, guide_prompts, read_list
 from erasekit.modules.receler import Eraser, eraser_state
-from erasekit.training import generator_state, set_generator_state, weights_digest
+from erasekit.training import generator_state, set_generator_state
 
 ATTACK_SPACES = ("tokens", "conditioning", "both")
 TEXT_SET = "text-encoder"
@@ -185,19 +185,19 @@ class AdvTrainer(ESDTrainer):
             generator = torch.Generator().manual_seed(self.config.seed)
             self.erasers = {path: Eraser(attn.to_out[0].out_features, self.config.eraser_rank, generator).to(self.device)
                             for path, attn in self.layers.items()}
-            return {f"{path}.{name}": p for path, eraser in self.erasers.items() for name, p in eraser.named_parameters()}
+            return self._eraser_parameters()
         return self.model.weight_parameters()  # the UNet's and the text encoders' (text_encoder.<name>)
 
     def select_parameter_names(self) -> list[str]:
         if self.config.parameter_set == ERASER_SET:
-            return list(self._eraser_names())
+            return list(self._eraser_parameters())
         if self.config.parameter_set == TEXT_SET:  # the token and position tables stay: soft prompts bypass them anyway
             return [name for name in self.model.weight_parameters()
                     if name.startswith(TEXT_ENCODER_PREFIXES) and ".embeddings." not in name]
         return super().select_parameter_names()
 
-    def _eraser_names(self):
-        return (f"{path}.{name}" for path, eraser in self.erasers.items() for name, _ in eraser.named_parameters())
+    def _eraser_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{path}.{name}": p for path, eraser in self.erasers.items() for name, p in eraser.named_parameters()}
 
     def parameter_set_name(self) -> str:
         if self.config.parameter_set in (TEXT_SET, ERASER_SET):
@@ -397,11 +397,7 @@ class AdvTrainer(ESDTrainer):
     def checkpoint_key(self) -> dict:
         key = super().checkpoint_key()
         key.update({"method": "adv", "targets": [dataclasses.asdict(t) for t in self.targets]})
-        if self.erasers:  # the erasers' teacher: the cross-attention layers they sit on (as Receler keys it)
-            original = self.model.original_parameters
-            key["unet"] = weights_digest({name: original.get(name, value) for path, attn in self.layers.items()
-                                          for name, value in attn.named_parameters(prefix=path)})
-        return key
+        return key  # ESD's "base" holds the whole teacher, the layers the erasers sit on included
 
     def training_state(self):
         tensors, state = super().training_state()

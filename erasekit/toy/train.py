@@ -116,9 +116,10 @@ def train_toy_model(out: str | Path, config: ToyTrainConfig = ToyTrainConfig(), 
     out = Path(out)
     checkpoint = out / "checkpoint"
     exclude = excluded_concepts(config)
-    if not resume and (checkpoint / "state.json").is_file():
+    existing = (checkpoint / "state.json").is_file()
+    if existing and not resume:
         raise ErasekitError(f"{checkpoint} already holds a training run; --resume continues it, or train into another --out")
-    if resume and (checkpoint / "state.json").is_file():
+    if existing:
         saved = json.loads((checkpoint / "state.json").read_text())["config"]
         saved.setdefault("exclude", "")  # checkpoints from before the field
         changed = ", ".join(f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in asdict(config).items()
@@ -137,7 +138,7 @@ def train_toy_model(out: str | Path, config: ToyTrainConfig = ToyTrainConfig(), 
     alphas_cumprod = noise_schedule.alphas_cumprod
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
     start = 0
-    if resume and (checkpoint / "state.json").is_file():
+    if existing:
         start = _load_checkpoint(checkpoint, unet, ema, optimizer, rng)
     torch.manual_seed(config.seed + start)  # noise draws continue reproducibly after a resume
 
